@@ -1,0 +1,81 @@
+"""DID resolution with the durable DID cache (SPEC 6 step 1; the seed's ``known_publishers``).
+
+A cached resolution younger than ``did_cache_ttl`` is used as it is; an older one is refreshed, keeping
+``first_seen_at``. Outcomes follow SPEC 6.1: an unknown (404) or tombstoned (410) DID and a bad document
+are permanent; a timeout, connection error or 5xx from the directory is transient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from daemon.database import Database
+from daemon.diddoc import DidIdentity, did_document_url, parse_did_document
+from daemon.errors import IdentityError, ProtocolViolation, UpstreamHTTPError
+from daemon.fetch import Fetcher
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverSettings:
+    plc_directory: str
+    ttl: float
+    timeout: float
+    allow_private_addresses: bool
+
+
+class Resolver:
+    """Resolves DIDs to their PDS, through the cache."""
+
+    def __init__(
+        self, db: Database, fetcher: Fetcher, settings: ResolverSettings, *, wall_clock: Callable[[], float]
+    ) -> None:
+        self._db = db
+        self._fetcher = fetcher
+        self._settings = settings
+        self._now = wall_clock
+
+    async def resolve(self, did: str) -> DidIdentity:
+        """The account's PDS and signing key; raises IdentityError/BlockedAddress/transient errors."""
+        store = self._db.store
+        cached = await self._db.run(store.get_publisher, did)
+        now = self._now()
+        if cached is not None and now - cached.resolved_at < self._settings.ttl:
+            if now - cached.last_seen_at >= 60.0:
+                await self._db.run(store.touch_publisher, did, now)
+            return DidIdentity(did, cached.pds, cached.signing_key, cached.signing_key_id)
+        identity = await self._fetch(did)
+        await self._db.run(
+            store.put_publisher,
+            did=did,
+            pds=identity.pds,
+            signing_key=identity.signing_key,
+            signing_key_id=identity.signing_key_id,
+            now=self._now(),
+        )
+        return identity
+
+    async def _fetch(self, did: str) -> DidIdentity:
+        settings = self._settings
+        url = did_document_url(
+            did, plc_directory=settings.plc_directory, allow_private=settings.allow_private_addresses
+        )
+        host_class = "plc" if did.startswith("did:plc:") else "didweb"
+        response = await self._fetcher.get_json(
+            url, params=None, timeout=settings.timeout, host_class=host_class
+        )
+        if response.status == 404:
+            raise IdentityError(f"{did} is not known to {url} (404)", code="did_not_found")
+        if response.status == 410:
+            raise IdentityError(f"{did} is tombstoned (410 from {url})", code="did_tombstoned")
+        if not 200 <= response.status < 300:
+            raise UpstreamHTTPError(
+                f"DID document request {url} answered {response.status}", status=response.status
+            )
+        try:
+            document = response.json()
+        except ProtocolViolation:
+            raise IdentityError(
+                f"DID document for {did} is not valid JSON", code="invalid_did_document"
+            ) from None
+        return parse_did_document(did, document, allow_http=settings.allow_private_addresses)

@@ -1,0 +1,239 @@
+"""The daemon process (SPEC 3): one root nursery holding the admin server, the engine, signals, watchdog.
+
+Start-up order: open the database (taking the instance lock, migrating), recover interrupted jobs, start
+the engine, start the admin server (``nursery.start``: ready means listening), then tell systemd READY.
+
+Shutdown on the first SIGTERM/SIGINT: STOPPING, the admin server stops accepting, the engine stops
+claiming and running jobs stop after their current page; after ``shutdown_grace`` seconds whatever still
+runs is cancelled (its job is pending again at the next start). A second signal cancels at once. The
+database is checkpointed and closed either way, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import trio
+
+from daemon import __version__
+from daemon.admin import create_app
+from daemon.admintoken import load_admin_token
+from daemon.backfill import BackfillHandler, BackfillSettings
+from daemon.backoff import RetryPolicy
+from daemon.config import Config
+from daemon.database import Database
+from daemon.discovery import DiscoverHandler, DiscoverySettings
+from daemon.engine import Engine, EngineSettings
+from daemon.fetch import Fetcher
+from daemon.hosts import HostLimiter
+from daemon.metrics import Metrics
+from daemon.netguard import AddressResolver
+from daemon.resolver import Resolver, ResolverSettings
+from daemon.sdnotify import Notifier
+from daemon.server import serve_admin
+from daemon.store import Store
+
+log = structlog.get_logger("backfilld")
+
+
+class Daemon:
+    """Everything one running backfilld holds. ``await nursery.start(daemon.run)``; then ``stop()``."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        address_resolver: AddressResolver | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.wall_clock = wall_clock
+        self.metrics = Metrics()
+        self.notifier = notifier or Notifier()
+        self.admin_token = load_admin_token(config.admin.token_file)
+        self.started_monotonic = time.monotonic()
+        self.db = Database(Store.open(config.daemon.database))
+        net, limits = config.network, config.limits
+        self.hosts = HostLimiter(
+            per_host_concurrency=net.per_host_concurrency, per_host_rate=net.per_host_rate, now=wall_clock
+        )
+        self.fetcher = Fetcher(
+            network=net,
+            max_response_bytes=limits.max_response_bytes,
+            hosts=self.hosts,
+            resolver=address_resolver,
+            wall_clock=wall_clock,
+            on_request=self.metrics.observe_request,
+            on_pause=self.metrics.host_pauses.inc,
+            trusted_pool_size=config.daemon.workers + 4,
+        )
+        resolver = Resolver(
+            self.db,
+            self.fetcher,
+            ResolverSettings(
+                plc_directory=config.atproto.plc_directory,
+                ttl=limits.did_cache_ttl,
+                timeout=limits.page_timeout,
+                allow_private_addresses=net.allow_private_addresses,
+            ),
+            wall_clock=wall_clock,
+        )
+        handlers = {
+            "discover": DiscoverHandler(
+                self.db,
+                self.fetcher,
+                DiscoverySettings(
+                    relay=config.atproto.relay,
+                    page_size=limits.discovery_page_size,
+                    timeout=limits.discovery_timeout,
+                    max_pages=limits.max_discovery_pages_per_collection,
+                    max_dids=limits.max_discovered_dids,
+                ),
+                self.metrics,
+            ),
+            "backfill": BackfillHandler(
+                self.db,
+                self.fetcher,
+                resolver,
+                BackfillSettings(
+                    page_size=limits.page_size,
+                    page_timeout=limits.page_timeout,
+                    max_pages=limits.max_pages_per_collection,
+                ),
+                self.metrics,
+            ),
+        }
+        self.engine = Engine(
+            self.db,
+            settings=EngineSettings(
+                workers=config.daemon.workers,
+                max_records_queue=config.daemon.max_records_queue,
+                per_host_jobs=net.per_host_concurrency,
+            ),
+            handlers=handlers,
+            policy=RetryPolicy(
+                max_attempts=config.retry.max_attempts,
+                base=config.retry.backoff_base,
+                cap=config.retry.backoff_cap,
+                rng=rng or random.Random(),
+            ),
+            metrics=self.metrics,
+            wall_clock=wall_clock,
+            paused_hosts=self.paused_hosts,
+        )
+        self._stop_requested = trio.Event()
+        self._admin_closed = trio.Event()
+        self.listening: list[str] = []
+
+    def paused_hosts(self) -> dict[str, float]:
+        return {s.host: s.paused_until for s in self.hosts.snapshot() if s.paused_until is not None}
+
+    def hosts_paused_count(self) -> int:
+        return len(self.paused_hosts())
+
+    def host_status(self) -> list[dict[str, Any]]:
+        """Per-host in-flight requests and pause state, for ``/_admin/status``."""
+        running = self.engine.host_jobs
+        states = {s.host: s for s in self.hosts.snapshot()}
+        out = []
+        for host in sorted(set(states) | set(running)):
+            state = states.get(host)
+            out.append(
+                {
+                    "host": host,
+                    "jobs_running": running.get(host, 0),
+                    "in_flight": state.in_flight if state else 0,
+                    "waiting": state.waiting if state else 0,
+                    "paused": bool(state and state.paused_until),
+                    "paused_until": state.paused_until if state else None,
+                }
+            )
+        return out
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (the first signal)."""
+        self._stop_requested.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until stopped; reports the admin listen addresses when ready."""
+        grace = self.config.daemon.shutdown_grace
+        try:
+            async with trio.open_nursery() as nursery:
+                engine_scope = trio.CancelScope()
+                engine_done = trio.Event()
+
+                async def run_engine(
+                    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                ) -> None:
+                    with engine_scope:
+                        await self.engine.run(task_status=task_status)
+                    engine_done.set()
+
+                await nursery.start(run_engine)
+                app = create_app(self)
+                self.listening = await nursery.start(
+                    serve_admin, app, self.config.admin.listen, self._admin_closed.wait
+                )
+                if self.notifier.watchdog_interval is not None:
+                    nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                self.notifier.notify(READY="1", STATUS=f"listening on {', '.join(self.listening)}")
+                log.info(
+                    "backfilld ready",
+                    version=__version__,
+                    admin=self.listening,
+                    workers=self.config.daemon.workers,
+                    database=str(self.config.daemon.database),
+                    admin_auth="token" if self.admin_token else "disabled",
+                )
+                task_status.started(self.listening)
+                await self._stop_requested.wait()
+                self.notifier.notify(STOPPING="1", STATUS="draining running jobs")
+                log.info("shutting down: draining running jobs", grace=grace, busy=self.engine.busy)
+                self._admin_closed.set()
+                self.engine.stop()
+                with trio.move_on_after(grace):
+                    await engine_done.wait()
+                if not engine_done.is_set():
+                    log.warning("shutdown grace expired; cancelling running jobs", busy=self.engine.busy)
+                    engine_scope.cancel()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.fetcher.aclose()
+                await self.db.aclose()
+            log.info("backfilld stopped")
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            if self.engine.running and await self.db.run(self.db.store.ping):
+                self.notifier.notify(WATCHDOG="1")
+            await trio.sleep(interval)
+
+
+async def run_until_signalled(daemon: Daemon) -> None:
+    """Run ``daemon``; the first SIGTERM/SIGINT drains, a second one cancels at once."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                count = 0
+                async for signum in signals:
+                    count += 1
+                    name = signal.Signals(signum).name
+                    if count == 1:
+                        log.info("signal received; stopping gracefully", signal=name)
+                        daemon.stop()
+                    else:
+                        log.warning("second signal; cancelling now", signal=name)
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_signals)
+            await daemon.run()
+            nursery.cancel_scope.cancel()

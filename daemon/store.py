@@ -1,0 +1,846 @@
+"""All of backfilld's SQL, synchronous, on one SQLite connection.
+
+Every method runs in one transaction. The daemon calls them through :class:`daemon.database.Database`,
+which hops to a worker thread one call at a time, so the connection is never used concurrently and the
+trio loop never blocks on disk. Read-then-write transactions start with ``BEGIN IMMEDIATE`` so that a
+claim or an enqueue cannot interleave with another writer (the admin CLI's ``sqlite3`` shell, a backup).
+
+Durability: WAL with ``synchronous=NORMAL``. A killed daemon loses nothing that was committed; a power
+loss can roll back the last transactions, which is safe because every page's records and the job's
+cursor checkpoint commit together, so a rolled-back page is simply fetched again.
+
+Schema versions live in ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades older databases in place.
+
+Tables (documented for direct SQLite readers in ``docs/records-queue.md``): ``runs``, ``run_discovery``,
+``run_dids``, ``jobs``, ``records`` (the records queue), ``did_cache`` (known publishers), ``queue_stats``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import DatabaseLockedError
+
+JOB_STATES = ("pending", "running", "done", "failed", "cancelled")
+ACTIVE_STATES = ("pending", "running")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema.
+    """
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        mode TEXT NOT NULL,
+        collections TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        finished_at REAL,
+        cancelled_at REAL
+    );
+    CREATE TABLE run_discovery (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        collection TEXT NOT NULL,
+        pages INTEGER NOT NULL DEFAULT 0,
+        dids INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        PRIMARY KEY (run_id, collection)
+    );
+    CREATE TABLE run_dids (
+        run_id INTEGER NOT NULL,
+        did TEXT NOT NULL,
+        PRIMARY KEY (run_id, did)
+    ) WITHOUT ROWID;
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id INTEGER REFERENCES runs(id),
+        kind TEXT NOT NULL,
+        did TEXT,
+        collection TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        not_before REAL NOT NULL,
+        lease_owner TEXT,
+        leased_at REAL,
+        error_code TEXT,
+        last_error TEXT,
+        cursor TEXT,
+        pages INTEGER NOT NULL DEFAULT 0,
+        records_enqueued INTEGER NOT NULL DEFAULT 0,
+        records_skipped INTEGER NOT NULL DEFAULT 0,
+        rate_limit_waits INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX jobs_one_active_pair ON jobs(did, collection)
+        WHERE kind = 'backfill' AND state IN ('pending', 'running');
+    CREATE INDEX jobs_due ON jobs(state, not_before);
+    CREATE INDEX jobs_by_run ON jobs(run_id, state);
+    CREATE TABLE records (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        did TEXT NOT NULL,
+        collection TEXT NOT NULL,
+        rkey TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        cid TEXT NOT NULL,
+        source TEXT NOT NULL,
+        run_id INTEGER
+    );
+    CREATE UNIQUE INDEX records_once ON records(did, collection, rkey, cid);
+    CREATE TABLE queue_stats (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        depth INTEGER NOT NULL
+    );
+    INSERT INTO queue_stats (id, depth) VALUES (1, 0);
+    CREATE TABLE did_cache (
+        did TEXT PRIMARY KEY,
+        pds TEXT NOT NULL,
+        signing_key TEXT,
+        resolved_at REAL NOT NULL,
+        first_seen_at REAL NOT NULL,
+        last_seen_at REAL NOT NULL
+    );
+    """,
+    # 2: the signing key's id (record verification needs it) and the PDS host a job talks to, so the
+    # dispatcher can skip jobs for paused or saturated hosts without resolving them again.
+    """
+    ALTER TABLE did_cache ADD COLUMN signing_key_id TEXT;
+    ALTER TABLE jobs ADD COLUMN host TEXT;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One row of ``jobs``."""
+
+    id: int
+    run_id: int | None
+    kind: str
+    did: str | None
+    collection: str
+    state: str
+    attempts: int
+    not_before: float
+    error_code: str | None
+    last_error: str | None
+    cursor: str | None
+    pages: int
+    records_enqueued: int
+    records_skipped: int
+    rate_limit_waits: int
+    host: str | None
+    created_at: float
+    updated_at: float
+
+    def public(self) -> dict[str, Any]:
+        """The job as ``/_admin/jobs`` shows it."""
+        return {
+            "id": self.id,
+            "run_id": self.run_id,
+            "kind": self.kind,
+            "did": self.did,
+            "collection": self.collection,
+            "state": self.state,
+            "attempts": self.attempts,
+            "error_code": self.error_code,
+            "last_error": self.last_error,
+            "records_enqueued": self.records_enqueued,
+            "updated_at": self.updated_at,
+        }
+
+
+_JOB_COLUMNS = (
+    "id, run_id, kind, did, collection, state, attempts, not_before, error_code, last_error, cursor, pages, "
+    "records_enqueued, records_skipped, rate_limit_waits, host, created_at, updated_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordEntry:
+    """One record job on the records queue."""
+
+    id: int
+    did: str
+    collection: str
+    rkey: str
+    operation: str
+    cid: str
+    source: str
+    run_id: int | None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "did": self.did,
+            "collection": self.collection,
+            "rkey": self.rkey,
+            "operation": self.operation,
+            "cid": self.cid,
+            "source": self.source,
+            "run_id": self.run_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Publisher:
+    """One row of the DID cache (the seed's ``known_publishers``)."""
+
+    did: str
+    pds: str
+    signing_key: str | None
+    signing_key_id: str | None
+    resolved_at: float
+    first_seen_at: float
+    last_seen_at: float
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "did": self.did,
+            "pds": self.pds,
+            "signing_key": self.signing_key,
+            "signing_key_id": self.signing_key_id,
+            "resolved_at": self.resolved_at,
+            "first_seen_at": self.first_seen_at,
+            "last_seen_at": self.last_seen_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryProgress:
+    pages: int
+    dids: int
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A run and its progress, as ``/_admin/runs/<id>`` shows it."""
+
+    id: int
+    mode: str
+    collections: tuple[str, ...]
+    created_at: float
+    finished_at: float | None
+    cancelled_at: float | None
+    dids: int
+    discovery: dict[str, DiscoveryProgress]
+    jobs: dict[str, int]
+    discovering: bool
+    records_enqueued: int
+
+    @property
+    def state(self) -> str:
+        if self.cancelled_at is not None:
+            return "cancelled"
+        if self.discovering:
+            return "discovering"
+        if self.jobs.get("pending", 0) or self.jobs.get("running", 0):
+            return "running"
+        return "finished"
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "run_id": self.id,
+            "mode": self.mode,
+            "state": self.state,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+            "collections": list(self.collections),
+            "dids": self.dids,
+            "discovery": {
+                nsid: {"pages": d.pages, "dids": d.dids, "error": d.error}
+                for nsid, d in self.discovery.items()
+            },
+            "jobs": self.jobs,
+            "records_enqueued": self.records_enqueued,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    enqueued: int
+    already_queued: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryPageResult:
+    """What one discovery page changed: DIDs new to the run, jobs queued, and whether the DID cap is hit."""
+
+    new_dids: int
+    jobs_enqueued: int
+    cap_reached: bool
+
+
+class Store:
+    """The database. Not thread-safe by itself: :class:`daemon.database.Database` serialises calls."""
+
+    def __init__(self, conn: sqlite3.Connection, lock_fd: int | None) -> None:
+        self._conn = conn
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def open(cls, path: Path, *, lock: bool = True) -> Store:
+        """Open (creating and migrating) the database at ``path``; with ``lock``, take the instance lock."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = _take_lock(path) if lock else None
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            store = cls(conn, lock_fd)
+            store.migrate()
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        return store
+
+    def close(self) -> None:
+        """Checkpoint the WAL and close; releases the instance lock."""
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self._conn.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # -- schema -------------------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        row = self._conn.execute("PRAGMA user_version").fetchone()
+        return int(row[0])
+
+    def migrate(self, target: int = SCHEMA_VERSION) -> None:
+        """Apply the migrations between the stored ``user_version`` and ``target``, one transaction each."""
+        current = self.schema_version()
+        if current > SCHEMA_VERSION:
+            raise DatabaseLockedError(
+                f"database schema version {current} is newer than this backfilld understands "
+                f"({SCHEMA_VERSION}); upgrade backfilld",
+                code="schema_too_new",
+            )
+        for version in range(current, target):
+            with self._tx() as conn:
+                for statement in _statements(MIGRATIONS[version]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+
+    def ping(self) -> bool:
+        return bool(self._conn.execute("SELECT 1").fetchone() == (1,))
+
+    # -- runs ---------------------------------------------------------------------------------------
+
+    def create_run(
+        self, *, mode: str, collections: Sequence[str], dids: Sequence[str], now: float
+    ) -> tuple[int, EnqueueResult]:
+        """Create a run; discover mode queues one ``discover`` job per collection, explicit mode the pairs."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "INSERT INTO runs (mode, collections, created_at) VALUES (?, ?, ?)",
+                (mode, json.dumps(list(collections)), now),
+            )
+            run_id = int(cur.lastrowid or 0)
+            if mode == "discover":
+                conn.executemany(
+                    "INSERT INTO run_discovery (run_id, collection) VALUES (?, ?)",
+                    [(run_id, c) for c in collections],
+                )
+                conn.executemany(
+                    "INSERT INTO jobs (run_id, kind, collection, state, not_before, created_at, updated_at) "
+                    "VALUES (?, 'discover', ?, 'pending', ?, ?, ?)",
+                    [(run_id, c, now, now, now) for c in collections],
+                )
+                return run_id, EnqueueResult(len(collections), 0)
+            conn.executemany(
+                "INSERT OR IGNORE INTO run_dids (run_id, did) VALUES (?, ?)", [(run_id, d) for d in dids]
+            )
+            result = self._enqueue_pairs(conn, run_id, dids, collections, now)
+            self._mark_finished_if_idle(conn, run_id, now)
+            return run_id, result
+
+    def _enqueue_pairs(
+        self,
+        conn: sqlite3.Connection,
+        run_id: int,
+        dids: Iterable[str],
+        collections: Sequence[str],
+        now: float,
+    ) -> EnqueueResult:
+        rows = [(run_id, did, c, now, now, now, did) for did in dids for c in collections]
+        before = conn.total_changes
+        conn.executemany(
+            "INSERT OR IGNORE INTO jobs (run_id, kind, did, collection, state, not_before, created_at, "
+            "updated_at, host) VALUES (?, 'backfill', ?, ?, 'pending', ?, ?, ?, "
+            "(SELECT pds FROM did_cache WHERE did = ?))",
+            rows,
+        )
+        enqueued = conn.total_changes - before
+        return EnqueueResult(enqueued, len(rows) - enqueued)
+
+    def _mark_finished_if_idle(self, conn: sqlite3.Connection, run_id: int | None, now: float) -> None:
+        if run_id is None:
+            return
+        conn.execute(
+            "UPDATE runs SET finished_at = ? WHERE id = ? AND finished_at IS NULL AND cancelled_at IS NULL "
+            "AND NOT EXISTS (SELECT 1 FROM jobs WHERE run_id = ? AND state IN ('pending', 'running'))",
+            (now, run_id, run_id),
+        )
+
+    def record_discovery_page(
+        self,
+        *,
+        job_id: int,
+        run_id: int,
+        collection: str,
+        dids: Sequence[str],
+        cursor: str | None,
+        max_dids: int,
+        now: float,
+    ) -> DiscoveryPageResult:
+        """One relay page: admit DIDs up to the run's cap, queue their pairs, save the relay cursor."""
+        with self._tx() as conn:
+            (count,) = conn.execute("SELECT count(*) FROM run_dids WHERE run_id = ?", (run_id,)).fetchone()
+            collections = json.loads(
+                conn.execute("SELECT collections FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+            )
+            admitted: list[str] = []
+            for did in dict.fromkeys(dids):
+                if count >= max_dids:
+                    break
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO run_dids (run_id, did) VALUES (?, ?)", (run_id, did)
+                )
+                if cur.rowcount:
+                    admitted.append(did)
+                    count += 1
+            result = self._enqueue_pairs(conn, run_id, admitted, collections, now)
+            conn.execute(
+                "UPDATE run_discovery SET pages = pages + 1, dids = dids + ? WHERE run_id = ? AND collection = ?",
+                (len(admitted), run_id, collection),
+            )
+            conn.execute(
+                "UPDATE jobs SET cursor = ?, pages = pages + 1, updated_at = ? WHERE id = ?",
+                (cursor, now, job_id),
+            )
+            return DiscoveryPageResult(len(admitted), result.enqueued, count >= max_dids)
+
+    def run_did_count(self, run_id: int) -> int:
+        (count,) = self._conn.execute("SELECT count(*) FROM run_dids WHERE run_id = ?", (run_id,)).fetchone()
+        return int(count)
+
+    def set_discovery_error(self, run_id: int, collection: str, error: str | None) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE run_discovery SET error = ? WHERE run_id = ? AND collection = ?",
+                (error, run_id, collection),
+            )
+
+    def get_run(self, run_id: int) -> Run | None:
+        row = self._conn.execute(
+            "SELECT id, mode, collections, created_at, finished_at, cancelled_at FROM runs WHERE id = ?",
+            (run_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        jobs = {s: 0 for s in JOB_STATES}
+        for state, n in self._conn.execute(
+            "SELECT state, count(*) FROM jobs WHERE run_id = ? AND kind = 'backfill' GROUP BY state",
+            (run_id,),
+        ):
+            jobs[state] = n
+        (discovering,) = self._conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE run_id = ? AND kind = 'discover' "
+            "AND state IN ('pending', 'running'))",
+            (run_id,),
+        ).fetchone()
+        (records,) = self._conn.execute(
+            "SELECT coalesce(sum(records_enqueued), 0) FROM jobs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        discovery = {
+            c: DiscoveryProgress(p, d, e)
+            for c, p, d, e in self._conn.execute(
+                "SELECT collection, pages, dids, error FROM run_discovery WHERE run_id = ? ORDER BY rowid",
+                (run_id,),
+            )
+        }
+        return Run(
+            id=row[0],
+            mode=row[1],
+            collections=tuple(json.loads(row[2])),
+            created_at=row[3],
+            finished_at=row[4],
+            cancelled_at=row[5],
+            dids=self.run_did_count(run_id),
+            discovery=discovery,
+            jobs=jobs,
+            discovering=bool(discovering),
+            records_enqueued=int(records),
+        )
+
+    def list_runs(self, *, after: int, limit: int) -> list[Run]:
+        ids = [
+            r[0]
+            for r in self._conn.execute(
+                "SELECT id FROM runs WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+            ).fetchall()
+        ]
+        return [run for run_id in ids if (run := self.get_run(run_id)) is not None]
+
+    def cancel_run(self, run_id: int, now: float) -> bool | None:
+        """Cancel a run's pending jobs; running ones are cancelled by the engine. None: no such run."""
+        with self._tx() as conn:
+            row = conn.execute("SELECT cancelled_at FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                return None
+            if row[0] is not None:
+                return False
+            conn.execute("UPDATE runs SET cancelled_at = ? WHERE id = ?", (now, run_id))
+            conn.execute(
+                "UPDATE jobs SET state = 'cancelled', updated_at = ? WHERE run_id = ? AND state = 'pending'",
+                (now, run_id),
+            )
+            return True
+
+    def run_cancelled(self, run_id: int) -> bool:
+        row = self._conn.execute("SELECT cancelled_at FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return row is not None and row[0] is not None
+
+    # -- jobs ---------------------------------------------------------------------------------------
+
+    def recover_interrupted(self, now: float) -> int:
+        """Jobs left ``running`` by a process that died are pending again (their attempt is refunded)."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'pending', attempts = max(attempts - 1, 0), lease_owner = NULL, "
+                "not_before = min(not_before, ?), updated_at = ? WHERE state = 'running'",
+                (now, now),
+            )
+            return cur.rowcount
+
+    def claim_jobs(
+        self,
+        *,
+        now: float,
+        limit: int,
+        owner: str,
+        max_records_queue: int,
+        excluded_hosts: Sequence[str] = (),
+    ) -> list[Job]:
+        """Claim up to ``limit`` due jobs in one ``UPDATE … RETURNING``.
+
+        While the records queue is deeper than ``max_records_queue`` only ``discover`` jobs are claimed
+        (backpressure); jobs whose PDS host is in ``excluded_hosts`` (paused or saturated) are left alone.
+        """
+        if limit <= 0:
+            return []
+        with self._tx() as conn:
+            (depth,) = conn.execute("SELECT depth FROM queue_stats WHERE id = 1").fetchone()
+            conditions = ["state = 'pending'", "not_before <= ?"]
+            params: list[Any] = [now]
+            if depth > max_records_queue:
+                conditions.append("kind = 'discover'")
+            if excluded_hosts:
+                conditions.append(f"(host IS NULL OR host NOT IN ({','.join('?' * len(excluded_hosts))}))")
+                params.extend(excluded_hosts)
+            rows = conn.execute(
+                f"UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?, leased_at = ?, "
+                f"updated_at = ? WHERE id IN (SELECT id FROM jobs WHERE {' AND '.join(conditions)} "
+                f"ORDER BY not_before, id LIMIT ?) RETURNING {_JOB_COLUMNS}",
+                [owner, now, now, *params, limit],
+            ).fetchall()
+        return sorted((Job(*r) for r in rows), key=lambda j: (j.not_before, j.id))
+
+    def next_due(self, *, max_records_queue: int, excluded_hosts: Sequence[str] = ()) -> float | None:
+        """The earliest ``not_before`` among claimable pending jobs, or None when nothing could be claimed."""
+        (depth,) = self._conn.execute("SELECT depth FROM queue_stats WHERE id = 1").fetchone()
+        conditions = ["state = 'pending'"]
+        params: list[Any] = []
+        if depth > max_records_queue:
+            conditions.append("kind = 'discover'")
+        if excluded_hosts:
+            conditions.append(f"(host IS NULL OR host NOT IN ({','.join('?' * len(excluded_hosts))}))")
+            params.extend(excluded_hosts)
+        (due,) = self._conn.execute(
+            f"SELECT min(not_before) FROM jobs WHERE {' AND '.join(conditions)}", params
+        ).fetchone()
+        return None if due is None else float(due)
+
+    def get_job(self, job_id: int) -> Job | None:
+        row = self._conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else Job(*row)
+
+    def finish_job(
+        self,
+        job_id: int,
+        *,
+        state: str,
+        now: float,
+        error_code: str | None = None,
+        last_error: str | None = None,
+    ) -> None:
+        """Move a running job to a final state (done, failed, cancelled)."""
+        with self._tx() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET state = ?, error_code = ?, last_error = ?, lease_owner = NULL, updated_at = ? "
+                "WHERE id = ? RETURNING run_id",
+                (state, error_code, last_error, now, job_id),
+            ).fetchone()
+            if row is not None:
+                self._mark_finished_if_idle(conn, row[0], now)
+
+    def reschedule_job(
+        self,
+        job_id: int,
+        *,
+        not_before: float,
+        now: float,
+        refund_attempt: bool,
+        error_code: str | None = None,
+        last_error: str | None = None,
+        rate_limit_wait: bool = False,
+        host: str | None = None,
+    ) -> None:
+        """Put a running job back to ``pending`` until ``not_before``.
+
+        ``refund_attempt`` undoes the claim's attempt (rate-limit waits, busy hosts, shutdown); errors are
+        kept so that operators see why a job is waiting.
+        """
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE jobs SET state = 'pending', not_before = ?, updated_at = ?, lease_owner = NULL, "
+                "attempts = attempts - ?, rate_limit_waits = rate_limit_waits + ?, "
+                "error_code = coalesce(?, error_code), last_error = coalesce(?, last_error), "
+                "host = coalesce(?, host) WHERE id = ?",
+                (
+                    not_before,
+                    now,
+                    1 if refund_attempt else 0,
+                    1 if rate_limit_wait else 0,
+                    error_code,
+                    last_error,
+                    host,
+                    job_id,
+                ),
+            )
+
+    def set_job_host(self, job_id: int, host: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET host = ? WHERE id = ?", (host, job_id))
+
+    def record_page(
+        self,
+        *,
+        job_id: int,
+        run_id: int | None,
+        did: str,
+        collection: str,
+        records: Sequence[tuple[str, str]],
+        cursor: str | None,
+        skipped: int,
+        now: float,
+    ) -> int:
+        """One listRecords page: its records jobs and the job's cursor checkpoint, in one transaction.
+
+        ``records`` are (rkey, cid). A record already on the queue (same did, collection, rkey, cid) is not
+        added again. Returns how many were added.
+        """
+        with self._tx() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO records (did, collection, rkey, operation, cid, source, run_id) "
+                "VALUES (?, ?, ?, 'create', ?, 'backfill', ?)",
+                [(did, collection, rkey, cid, run_id) for rkey, cid in records],
+            )
+            added = conn.total_changes - before
+            if added:
+                conn.execute("UPDATE queue_stats SET depth = depth + ? WHERE id = 1", (added,))
+            conn.execute(
+                "UPDATE jobs SET cursor = ?, pages = pages + 1, records_enqueued = records_enqueued + ?, "
+                "records_skipped = records_skipped + ?, updated_at = ? WHERE id = ?",
+                (cursor, added, skipped, now, job_id),
+            )
+            return added
+
+    def list_jobs(
+        self, *, state: str | None = None, run_id: int | None = None, after: int = 0, limit: int = 100
+    ) -> list[Job]:
+        conditions = ["id > ?"]
+        params: list[Any] = [after]
+        if state is not None:
+            conditions.append("state = ?")
+            params.append(state)
+        if run_id is not None:
+            conditions.append("run_id = ?")
+            params.append(run_id)
+        rows = self._conn.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {' AND '.join(conditions)} ORDER BY id LIMIT ?",
+            [*params, limit],
+        ).fetchall()
+        return [Job(*r) for r in rows]
+
+    def job_counts(self) -> dict[str, int]:
+        counts = {s: 0 for s in JOB_STATES}
+        for state, n in self._conn.execute("SELECT state, count(*) FROM jobs GROUP BY state"):
+            counts[state] = n
+        return counts
+
+    def job_counts_by_kind(self) -> dict[tuple[str, str], int]:
+        return {
+            (kind, state): n
+            for kind, state, n in self._conn.execute("SELECT kind, state, count(*) FROM jobs GROUP BY 1, 2")
+        }
+
+    def retry_jobs(
+        self,
+        *,
+        now: float,
+        ids: Sequence[int] | None = None,
+        state: str | None = None,
+        run_id: int | None = None,
+    ) -> int:
+        """Failed (or cancelled) jobs back to pending with attempts reset; returns how many.
+
+        A pair that meanwhile has another pending or running job is left as it is (the unique pair index).
+        """
+        with self._tx() as conn:
+            if ids is not None:
+                targets = [
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT id FROM jobs WHERE id IN ({','.join('?' * len(ids))}) "
+                        "AND state IN ('failed', 'cancelled')",
+                        list(ids),
+                    )
+                ]
+            else:
+                conditions = ["state = ?"]
+                params: list[Any] = [state or "failed"]
+                if run_id is not None:
+                    conditions.append("run_id = ?")
+                    params.append(run_id)
+                targets = [
+                    r[0]
+                    for r in conn.execute(f"SELECT id FROM jobs WHERE {' AND '.join(conditions)}", params)
+                ]
+            requeued = 0
+            runs: set[int] = set()
+            for job_id in targets:
+                try:
+                    row = conn.execute(
+                        "UPDATE jobs SET state = 'pending', attempts = 0, rate_limit_waits = 0, not_before = ?, "
+                        "error_code = NULL, last_error = NULL, updated_at = ? WHERE id = ? RETURNING run_id",
+                        (now, now, job_id),
+                    ).fetchone()
+                except sqlite3.IntegrityError:
+                    continue
+                requeued += 1
+                if row[0] is not None:
+                    runs.add(row[0])
+            for rid in runs:
+                conn.execute("UPDATE runs SET finished_at = NULL, cancelled_at = NULL WHERE id = ?", (rid,))
+            return requeued
+
+    def running_job_ids(self, run_id: int) -> list[int]:
+        return [
+            r[0]
+            for r in self._conn.execute(
+                "SELECT id FROM jobs WHERE run_id = ? AND state = 'running'", (run_id,)
+            )
+        ]
+
+    # -- records queue ------------------------------------------------------------------------------
+
+    def queue_depth(self) -> int:
+        (depth,) = self._conn.execute("SELECT depth FROM queue_stats WHERE id = 1").fetchone()
+        return int(depth)
+
+    def list_records(self, *, after: int, limit: int) -> list[RecordEntry]:
+        rows = self._conn.execute(
+            "SELECT id, did, collection, rkey, operation, cid, source, run_id FROM records "
+            "WHERE id > ? ORDER BY id LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [RecordEntry(*r) for r in rows]
+
+    def ack_records(self, through: int) -> int:
+        """Delete records with id <= ``through``; returns how many."""
+        with self._tx() as conn:
+            cur = conn.execute("DELETE FROM records WHERE id <= ?", (through,))
+            if cur.rowcount:
+                conn.execute("UPDATE queue_stats SET depth = max(depth - ?, 0) WHERE id = 1", (cur.rowcount,))
+            return cur.rowcount
+
+    # -- DID cache ----------------------------------------------------------------------------------
+
+    def get_publisher(self, did: str) -> Publisher | None:
+        row = self._conn.execute(
+            "SELECT did, pds, signing_key, signing_key_id, resolved_at, first_seen_at, last_seen_at "
+            "FROM did_cache WHERE did = ?",
+            (did,),
+        ).fetchone()
+        return None if row is None else Publisher(*row)
+
+    def touch_publisher(self, did: str, now: float) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE did_cache SET last_seen_at = ? WHERE did = ?", (now, did))
+
+    def put_publisher(
+        self, *, did: str, pds: str, signing_key: str | None, signing_key_id: str | None, now: float
+    ) -> None:
+        """Store a fresh resolution; ``first_seen_at`` survives refreshes."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO did_cache (did, pds, signing_key, signing_key_id, resolved_at, first_seen_at, "
+                "last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(did) DO UPDATE SET pds = excluded.pds, "
+                "signing_key = excluded.signing_key, signing_key_id = excluded.signing_key_id, "
+                "resolved_at = excluded.resolved_at, last_seen_at = excluded.last_seen_at",
+                (did, pds, signing_key, signing_key_id, now, now, now),
+            )
+
+    def list_publishers(self, *, after: str, limit: int) -> list[Publisher]:
+        rows = self._conn.execute(
+            "SELECT did, pds, signing_key, signing_key_id, resolved_at, first_seen_at, last_seen_at "
+            "FROM did_cache WHERE did > ? ORDER BY did LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [Publisher(*r) for r in rows]
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _take_lock(path: Path) -> int:
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise DatabaseLockedError(
+            f"another backfilld is already running on {path} (pid {holder or 'unknown'}, lock {lock_path}); "
+            "stop it first or point this one at a different database"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
