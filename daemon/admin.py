@@ -110,8 +110,8 @@ def create_app(daemon: Daemon) -> QuartTrio:
         return error_response(500, "InternalServerError", "internal server error")
 
     async def body() -> bytes:
-        data: bytes = await request.get_data(cache=False, as_text=False)
-        return data
+        data = await request.get_data(cache=False, as_text=False)
+        return data if isinstance(data, bytes) else data.encode()
 
     @app.get("/healthz")
     async def healthz() -> Response:

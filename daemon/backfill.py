@@ -7,14 +7,13 @@ job resumes after its last saved page, and a record is never queued twice while 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import structlog
 
 from daemon.database import Database
 from daemon.engine import JobContext
 from daemon.errors import AccountUnavailable, ProtocolViolation, UpstreamHTTPError
-from daemon.fetch import Fetcher, Response
+from daemon.fetch import Fetcher, Response, origin_key
 from daemon.metrics import Metrics
 from daemon.pages import parse_list_records_page
 from daemon.resolver import Resolver
@@ -38,12 +37,6 @@ class BackfillSettings:
     page_size: int
     page_timeout: float
     max_pages: int
-
-
-def host_key(url: str) -> str:
-    """The per-host politeness key of a PDS endpoint: its origin, ``scheme://host[:port]``."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def account_error(response: Response) -> AccountUnavailable | None:
@@ -83,7 +76,7 @@ class BackfillHandler:
     async def __call__(self, job: Job, ctx: JobContext) -> None:
         assert job.did is not None
         identity = await self._resolver.resolve(job.did)
-        async with ctx.host_slot(host_key(identity.pds)):
+        async with ctx.host_slot(origin_key(identity.pds)):
             await self._pages(job, ctx, identity.pds)
 
     async def _pages(self, job: Job, ctx: JobContext, pds: str) -> None:

@@ -28,7 +28,7 @@ from daemon.backoff import RetryPolicy
 from daemon.config import Config
 from daemon.database import Database
 from daemon.discovery import DiscoverHandler, DiscoverySettings
-from daemon.engine import Engine, EngineSettings
+from daemon.engine import Engine, EngineSettings, JobHandler
 from daemon.fetch import Fetcher
 from daemon.hosts import HostLimiter
 from daemon.metrics import Metrics
@@ -85,7 +85,7 @@ class Daemon:
             ),
             wall_clock=wall_clock,
         )
-        handlers = {
+        handlers: dict[str, JobHandler] = {
             "discover": DiscoverHandler(
                 self.db,
                 self.fetcher,
