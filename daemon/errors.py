@@ -11,7 +11,7 @@ documents) are mapped into it at the edge where they happen, so callers never se
     └── JobError                      something that decides a job's outcome (SPEC 6.1)
         ├── PermanentJobError         ``failed`` at once, no retries
         │   ├── IdentityError         did_not_found, did_tombstoned, invalid_did_document, no_pds_service,
-        │   │                         unsupported_did
+        │   │                         invalid_did, unsupported_did
         │   ├── AccountUnavailable    repo_not_found, repo_takendown, repo_suspended, repo_deactivated
         │   └── BlockedAddress        blocked_address (non-global peer), insecure_url (http:// not allowed)
         ├── TransientJobError         retried with backoff until ``max_attempts``

@@ -122,7 +122,9 @@ def test_backpressure_claims_only_discover_jobs(store: Store) -> None:
     claimed = store.claim_jobs(now=NOW, limit=5, owner="t", max_records_queue=2)
     assert [j.kind for j in claimed] == ["discover"]
     assert store.ack_records(store.list_records(after=0, limit=10)[1].id) == 2
-    assert [j.kind for j in store.claim_jobs(now=NOW, limit=5, owner="t", max_records_queue=2)] == ["backfill"]
+    assert [j.kind for j in store.claim_jobs(now=NOW, limit=5, owner="t", max_records_queue=2)] == [
+        "backfill"
+    ]
 
 
 def test_record_page_is_idempotent_per_record_and_saves_cursor(store: Store) -> None:
@@ -169,13 +171,24 @@ def test_discovery_page_caps_the_union_and_fans_out_pairs(store: Store) -> None:
     discover = store.claim_jobs(now=NOW, limit=5, owner="t", max_records_queue=10)
     by_coll = {j.collection: j for j in discover}
     first = store.record_discovery_page(
-        job_id=by_coll[COLL].id, run_id=run_id, collection=COLL, dids=[DID_A, DID_A], cursor="r1", max_dids=2, now=NOW
+        job_id=by_coll[COLL].id,
+        run_id=run_id,
+        collection=COLL,
+        dids=[DID_A, DID_A],
+        cursor="r1",
+        max_dids=2,
+        now=NOW,
     )
     assert (first.new_dids, first.jobs_enqueued, first.cap_reached) == (1, 2, False)
     third = "did:plc:cccccccccccccccccccccccc"
     second = store.record_discovery_page(
-        job_id=by_coll[COLL2].id, run_id=run_id, collection=COLL2, dids=[DID_A, DID_B, third], cursor=None,
-        max_dids=2, now=NOW,
+        job_id=by_coll[COLL2].id,
+        run_id=run_id,
+        collection=COLL2,
+        dids=[DID_A, DID_B, third],
+        cursor=None,
+        max_dids=2,
+        now=NOW,
     )
     assert (second.new_dids, second.jobs_enqueued, second.cap_reached) == (1, 2, True)
     run = store.get_run(run_id)
