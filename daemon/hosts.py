@@ -1,0 +1,153 @@
+"""Per-host politeness shared by all workers: a concurrency cap, a request rate and 429 pauses.
+
+One :class:`HostLimiter` serves the whole process; hosts are keyed by origin (``https://pds.example.com``,
+with the port when it is not the default). Two clocks are involved, on purpose:
+
+- pacing (the token bucket) runs on ``trio.current_time()`` and waits with ``trio.sleep``, so a test with
+  ``trio.testing.MockClock(autojump_threshold=0)`` drives it deterministically;
+- pauses are unix times (``resume_at`` of a 429, shown on ``/_admin/status``) read through the injected
+  ``now`` callable. A test that wants pauses to follow the mock clock passes
+  ``now=lambda: EPOCH + trio.current_time()``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from daemon.errors import RateLimited
+from daemon.ratelimit import TokenBucket
+
+# Forget idle hosts once this many are known, so that a long backfill over many PDSes does not keep an
+# entry per host it ever touched.
+_SWEEP_THRESHOLD = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HostState:
+    """One host as ``/_admin/status`` shows it. ``paused_until`` is a unix time or None."""
+
+    host: str
+    in_flight: int
+    paused_until: float | None
+    waiting: int
+
+
+class _Host:
+    __slots__ = ("bucket", "in_flight", "paused_until", "semaphore", "waiting")
+
+    def __init__(self, concurrency: int, rate: float) -> None:
+        self.semaphore = trio.Semaphore(concurrency)
+        self.bucket = TokenBucket(rate, burst=concurrency)
+        self.in_flight = 0
+        self.waiting = 0
+        self.paused_until: float | None = None
+
+
+class HostLimiter:
+    """Caps in-flight requests and request rate per host, and remembers which hosts asked for a pause.
+
+    ``per_host_rate`` is requests per second (0 = unlimited) with a burst of ``per_host_concurrency``.
+    """
+
+    def __init__(
+        self,
+        *,
+        per_host_concurrency: int,
+        per_host_rate: float,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self._concurrency = max(1, per_host_concurrency)
+        self._rate = per_host_rate
+        self._now = now
+        self._hosts: dict[str, _Host] = {}
+        self._sweep_at = _SWEEP_THRESHOLD
+
+    @property
+    def per_host_concurrency(self) -> int:
+        """The most requests one host has in flight at once."""
+        return self._concurrency
+
+    @asynccontextmanager
+    async def slot(self, host: str) -> AsyncIterator[None]:
+        """Hold one of ``host``'s concurrency slots, paced by its rate, for the body of the ``with``.
+
+        Raises :class:`RateLimited` without waiting when the host is paused, and again after the wait if it
+        was paused meanwhile (another worker got a 429), so nothing is sent to a paused host.
+        """
+        self.raise_if_paused(host)
+        entry = self._entry(host)
+        entry.waiting += 1
+        try:
+            await entry.semaphore.acquire()
+        finally:
+            entry.waiting -= 1
+        entry.in_flight += 1
+        try:
+            delay = entry.bucket.reserve(trio.current_time())
+            if delay > 0:
+                await trio.sleep(delay)
+            self.raise_if_paused(host)
+            yield
+        finally:
+            entry.in_flight -= 1
+            entry.semaphore.release()
+
+    def raise_if_paused(self, host: str) -> None:
+        """Raise :class:`RateLimited` when ``host`` is paused."""
+        until = self.paused_until(host)
+        if until is not None:
+            raise RateLimited(f"{host} is rate limited; paused until {until:.0f}", host=host, resume_at=until)
+
+    def pause(self, host: str, until: float) -> None:
+        """Pause ``host`` until the unix time ``until``; an existing later pause is kept."""
+        entry = self._entry(host)
+        if entry.paused_until is None or until > entry.paused_until:
+            entry.paused_until = until
+
+    def paused_until(self, host: str) -> float | None:
+        """The unix time at which ``host``'s pause ends, or None when it is not paused."""
+        entry = self._hosts.get(host)
+        if entry is None or entry.paused_until is None:
+            return None
+        if entry.paused_until <= self._now():
+            entry.paused_until = None
+            return None
+        return entry.paused_until
+
+    def snapshot(self) -> list[HostState]:
+        """Every host with requests in flight or waiting, or paused; sorted by host."""
+        self._sweep()
+        states = [
+            HostState(host, entry.in_flight, self.paused_until(host), entry.waiting)
+            for host, entry in sorted(self._hosts.items())
+        ]
+        return [s for s in states if s.in_flight or s.waiting or s.paused_until is not None]
+
+    def _entry(self, host: str) -> _Host:
+        entry = self._hosts.get(host)
+        if entry is None:
+            if len(self._hosts) >= self._sweep_at:
+                self._sweep()
+                self._sweep_at = max(_SWEEP_THRESHOLD, 2 * len(self._hosts))
+            entry = self._hosts[host] = _Host(self._concurrency, self._rate)
+        return entry
+
+    def _sweep(self) -> None:
+        # An idle host whose bucket has refilled is indistinguishable from a new entry, so dropping it
+        # cannot loosen the rate limit.
+        now = trio.current_time()
+        idle = [
+            host
+            for host, entry in self._hosts.items()
+            if not entry.in_flight
+            and not entry.waiting
+            and self.paused_until(host) is None
+            and entry.bucket.is_full(now)
+        ]
+        for host in idle:
+            del self._hosts[host]
