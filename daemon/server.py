@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -42,7 +43,5 @@ async def serve_admin(
     config = hypercorn_config(listen)
     await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
     if listen.startswith("unix:"):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(listen.removeprefix("unix:"))
-        except FileNotFoundError:
-            pass

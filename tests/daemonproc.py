@@ -52,7 +52,12 @@ class DaemonProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         sections: dict[str, dict[str, object]] = {
-            "daemon": {"database": "data/db.sqlite3", "workers": 4, "shutdown_grace": 5.0, "log_format": "json"},
+            "daemon": {
+                "database": "data/db.sqlite3",
+                "workers": 4,
+                "shutdown_grace": 5.0,
+                "log_format": "json",
+            },
             "admin": {"listen": f"127.0.0.1:{self.port}", "token_file": "admin.token"},
             "atproto": {"collections": ["com.example.record"]},
             "network": {"allow_private_addresses": True},
@@ -66,7 +71,9 @@ class DaemonProcess:
         self.base = f"http://127.0.0.1:{self.port}"
 
     def start(self, *, wait: bool = True, env: dict[str, str] | None = None) -> DaemonProcess:
-        base_env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "BACKFILLD_ADMIN_TOKEN")}
+        base_env = {
+            k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "BACKFILLD_ADMIN_TOKEN")
+        }
         env = {**base_env, **(env or {})}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(

@@ -61,7 +61,15 @@ def test_missing_token_is_401_with_challenge(daemon: DaemonProcess, method: str,
 
 @pytest.mark.parametrize(
     "header",
-    [f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", "Bearer", f"Basic {TOKEN}", TOKEN, f"Token {TOKEN}", "Bearer  x"],
+    [
+        f"Bearer {TOKEN}x",
+        f"Bearer {TOKEN[:-1]}",
+        "Bearer",
+        f"Basic {TOKEN}",
+        TOKEN,
+        f"Token {TOKEN}",
+        "Bearer  x",
+    ],
 )
 def test_wrong_token_or_scheme_is_401(daemon: DaemonProcess, header: str) -> None:
     response = daemon.call("GET", "/_admin/status", token=None, headers={"Authorization": header})
@@ -70,7 +78,9 @@ def test_wrong_token_or_scheme_is_401(daemon: DaemonProcess, header: str) -> Non
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
 def test_scheme_is_case_insensitive(daemon: DaemonProcess, scheme: str) -> None:
-    response = daemon.call("GET", "/_admin/status", token=None, headers={"Authorization": f"{scheme} {TOKEN}"})
+    response = daemon.call(
+        "GET", "/_admin/status", token=None, headers={"Authorization": f"{scheme} {TOKEN}"}
+    )
     assert response.status_code == 200
 
 
@@ -120,7 +130,10 @@ def test_unknown_path_is_json_404(daemon: DaemonProcess) -> None:
         (b"{not json", "request body must be valid JSON"),
         (b"[1, 2]", "request body must be a JSON object"),
         (b'"x"', "request body must be a JSON object"),
-        (b'{"dids": "did:plc:x"}', "`dids` must be an array of DID strings, or omitted to discover via the relay"),
+        (
+            b'{"dids": "did:plc:x"}',
+            "`dids` must be an array of DID strings, or omitted to discover via the relay",
+        ),
         (b'{"dids": null}', "`dids` must be an array of DID strings, or omitted to discover via the relay"),
         (b'{"dids": []}', "`dids` must not be empty (omit the field to discover via the relay)"),
         (b'{"dids": [5]}', "invalid DID in list: 5"),
@@ -138,7 +151,9 @@ def test_backfill_validation_messages(daemon: DaemonProcess, body: bytes, messag
 
 
 def test_backfill_rejects_unconfigured_collection(daemon: DaemonProcess) -> None:
-    response = daemon.call("POST", "/_admin/backfill", json={"dids": [DID], "collections": ["com.example.nope"]})
+    response = daemon.call(
+        "POST", "/_admin/backfill", json={"dids": [DID], "collections": ["com.example.nope"]}
+    )
     assert response.status_code == 400 and response.json()["error"] == "InvalidRequest"
 
 
@@ -170,9 +185,7 @@ def test_runs_list_and_missing_run(daemon: DaemonProcess) -> None:
     assert isinstance(listing["runs"], list)
 
 
-@pytest.mark.parametrize(
-    "query", ["limit=0", "limit=1001", "limit=x", "after=-1", "state=bogus", "run_id=0"]
-)
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "after=-1", "state=bogus", "run_id=0"])
 def test_jobs_query_validation(daemon: DaemonProcess, query: str) -> None:
     response = daemon.call("GET", f"/_admin/jobs?{query}")
     assert response.status_code == 400 and response.json()["error"] == "InvalidRequest"
@@ -186,7 +199,9 @@ def test_retry_validation(daemon: DaemonProcess, body: bytes) -> None:
     assert response.status_code == 400 and response.json()["error"] == "InvalidRequest"
 
 
-@pytest.mark.parametrize("body", [b"{}", b'{"through": -1}', b'{"through": "5"}', b'{"through": true}', b"nope"])
+@pytest.mark.parametrize(
+    "body", [b"{}", b'{"through": -1}', b'{"through": "5"}', b'{"through": true}', b"nope"]
+)
 def test_ack_validation(daemon: DaemonProcess, body: bytes) -> None:
     response = daemon.call("POST", "/_admin/records/ack", content=body)
     assert response.status_code == 400 and response.json()["error"] == "InvalidRequest"

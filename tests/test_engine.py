@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -58,7 +59,9 @@ async def running_engine(
     db = InlineDatabase(Store.open(tmp_path / "db.sqlite3"))
     engine = Engine(
         db,
-        settings=EngineSettings(workers=workers, max_records_queue=max_records_queue, per_host_jobs=per_host_jobs),
+        settings=EngineSettings(
+            workers=workers, max_records_queue=max_records_queue, per_host_jobs=per_host_jobs
+        ),
         handlers={"backfill": handler, "discover": handler},
         policy=RetryPolicy(max_attempts=max_attempts, base=5.0, cap=300.0, rng=random.Random(seed)),
         metrics=Metrics(),
@@ -123,7 +126,7 @@ async def test_transient_errors_retry_on_the_full_jitter_schedule_then_fail(
     assert (job.error_code, job.last_error) == ("timeout", "page took too long")
     assert len(calls) == 4
     expected = RetryPolicy(max_attempts=4, base=5.0, cap=300.0, rng=random.Random(11))
-    for attempt, (before, after) in enumerate(zip(calls, calls[1:], strict=False), start=1):
+    for attempt, (before, after) in enumerate(itertools.pairwise(calls), start=1):
         assert after - before >= expected.delay(attempt) - 1e-6
 
 
@@ -150,7 +153,9 @@ async def test_unexpected_exception_is_retried_as_internal_error(
     assert "KeyError" in (job.last_error or "")
 
 
-async def test_a_failing_job_does_not_poison_others(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_failing_job_does_not_poison_others(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     async def handler(job: Job, ctx: JobContext) -> None:
         if job.did == dids(2)[0]:
             raise AccountUnavailable("gone", code="repo_not_found")
@@ -207,7 +212,7 @@ async def test_backpressure_holds_backfill_jobs_until_acked(
 
     async def handler(job: Job, ctx: JobContext) -> None:
         ran.append(job.did)
-        store = ctx._engine.db.store  # noqa: SLF001 - the test handler writes records like the real one
+        store = ctx._engine.db.store  # the test handler writes records like the real one
         await ctx._engine.db.run(
             store.record_page,
             job_id=job.id,
@@ -245,7 +250,7 @@ async def test_rate_limited_job_waits_without_spending_attempts(
         await enqueue(engine)
         [job] = await wait_for(engine, all_final)
     assert job.state == "done" and job.attempts == 1 and job.rate_limit_waits == 3
-    assert all(b - a >= 100 for a, b in zip(calls, calls[1:], strict=False))
+    assert all(b - a >= 100 for a, b in itertools.pairwise(calls))
 
 
 async def test_too_many_rate_limit_waits_fail_with_their_own_code(
@@ -283,7 +288,7 @@ async def test_jobs_of_a_paused_host_are_not_claimed_and_others_flow(
     slow = [t for d, t in ran if d == dids(3)[0]]
     fast = [t for d, t in ran if d != dids(3)[0]]
     assert slow[0] >= EPOCH + 500 and max(fast) < EPOCH + 500
-    deferred = [j for j in jobs if j.did == dids(3)[0]][0]
+    deferred = next(j for j in jobs if j.did == dids(3)[0])
     assert deferred.attempts == 1 and deferred.host == "https://slow"
 
 

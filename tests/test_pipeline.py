@@ -20,7 +20,7 @@ from daemon.simnet import (
     possible_records,
     with_account,
 )
-from tests.inprocess import COLL, finish, jobs_of, outcome, queued, running_daemon, start_run
+from tests.inprocess import COLL, finish, jobs_of, queued, running_daemon, start_run
 
 LIMITS = DaemonLimits(max_attempts=3)
 
@@ -147,12 +147,11 @@ async def test_page_cap_is_an_error(tmp_path: Path) -> None:
 
 async def test_resume_after_failure_mid_pagination_fetches_no_page_twice(tmp_path: Path) -> None:
     spec = single("pds_fail_after_page", records=450, params={"page": 2, "failures": 1})
-    async with open_network(spec) as network:
-        async with running_daemon(tmp_path, network) as daemon:
-            run_id = await start_run(daemon, dids=[plc_did(1)])
-            await finish(daemon, run_id)
-            [job] = await jobs_of(daemon, run_id)
-            got = await queued(daemon)
+    async with open_network(spec) as network, running_daemon(tmp_path, network) as daemon:
+        run_id = await start_run(daemon, dids=[plc_did(1)])
+        await finish(daemon, run_id)
+        [job] = await jobs_of(daemon, run_id)
+        got = await queued(daemon)
     assert (job.state, job.attempts, job.pages) == ("done", 2, 5)
     cursors = [q.get("cursor", [None])[0] for q in list_records_requests(network, plc_did(1))]
     statuses = network.pds_stats(0).statuses
@@ -165,13 +164,12 @@ async def test_resume_after_failure_mid_pagination_fetches_no_page_twice(tmp_pat
 
 async def test_one_job_per_did_and_collection(tmp_path: Path) -> None:
     spec = build_spec(3, 5, collections=[COLL, "com.example.other"])
-    async with open_network(spec) as network:
-        async with running_daemon(tmp_path, network) as daemon:
-            dids = [a.did for a in spec.accounts]
-            run_id = await start_run(daemon, dids=dids)
-            await finish(daemon, run_id)
-            jobs = await jobs_of(daemon, run_id)
-            got = await queued(daemon)
+    async with open_network(spec) as network, running_daemon(tmp_path, network) as daemon:
+        dids = [a.did for a in spec.accounts]
+        run_id = await start_run(daemon, dids=dids)
+        await finish(daemon, run_id)
+        jobs = await jobs_of(daemon, run_id)
+        got = await queued(daemon)
     assert sorted((j.did, j.collection) for j in jobs) == sorted(
         (d, c) for d in dids for c in (COLL, "com.example.other")
     )
@@ -268,10 +266,9 @@ async def test_one_failing_collection_is_recorded_and_others_go_on(
 
 async def test_junk_relay_entries_are_skipped(tmp_path: Path) -> None:
     spec = build_spec(6, 1, collections=[COLL], relay_behaviour={COLL: "relay_junk_entries"})
-    async with open_network(spec) as network:
-        async with running_daemon(tmp_path, network) as daemon:
-            run_id = await start_run(daemon)
-            run = await finish(daemon, run_id)
+    async with open_network(spec) as network, running_daemon(tmp_path, network) as daemon:
+        run_id = await start_run(daemon)
+        run = await finish(daemon, run_id)
     assert run.dids == 6 and run.jobs["done"] == 6
 
 

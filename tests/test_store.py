@@ -39,7 +39,7 @@ def test_migrates_an_older_schema_keeping_data(tmp_path: Path) -> None:
         publisher = store.get_publisher(DID_A)
         assert publisher is not None and publisher.pds == "https://pds.example"
         assert publisher.signing_key_id is None
-        run_id, result = store.create_run(mode="explicit", collections=[COLL], dids=[DID_A], now=NOW)
+        run_id, _ = store.create_run(mode="explicit", collections=[COLL], dids=[DID_A], now=NOW)
         job = store.list_jobs(run_id=run_id)[0]
         assert job.host == "https://pds.example"  # the v2 column, filled from the cache at enqueue
     finally:
@@ -75,7 +75,7 @@ def test_explicit_run_queues_each_pair_once_while_active(store: Store) -> None:
 
 
 def test_done_or_failed_pair_is_queued_again(store: Store) -> None:
-    run_id, _ = store.create_run(mode="explicit", collections=[COLL], dids=[DID_A], now=NOW)
+    store.create_run(mode="explicit", collections=[COLL], dids=[DID_A], now=NOW)
     [job] = store.claim_jobs(now=NOW, limit=5, owner="t", max_records_queue=10)
     store.finish_job(job.id, state="failed", now=NOW, error_code="timeout", last_error="x")
     _, again = store.create_run(mode="explicit", collections=[COLL], dids=[DID_A], now=NOW)
