@@ -196,7 +196,7 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
             return [host]
         try:
             resolved = await self._resolver.resolve(host, port)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
         addresses = list(dict.fromkeys(resolved))
         if not addresses:
