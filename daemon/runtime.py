@@ -213,7 +213,11 @@ class Daemon:
     async def _watchdog(self, interval: float) -> None:
         while True:
             if self.engine.running and await self.db.run(self.db.store.ping):
-                self.notifier.notify(WATCHDOG="1")
+                depth = await self.db.run(self.db.store.queue_depth)
+                busy, total = self.engine.busy, self.config.daemon.workers
+                self.notifier.notify(
+                    WATCHDOG="1", STATUS=f"{busy}/{total} workers busy; {depth} records queued"
+                )
             await trio.sleep(interval)
 
 
