@@ -5,7 +5,11 @@ documents) are mapped into it at the edge where they happen, so callers never se
 
     BackfillError                     base; ``code`` is a short stable identifier
     ├── ConfigError                   config file unreadable or invalid (``problems`` lists every one)
-    ├── DatabaseLockedError           another backfilld already runs on this database
+    ├── DatabaseLockedError           another backfilld already runs on this database (also schema_too_new)
+    ├── AdminClientError              the CLI could not get an answer it can use from the daemon:
+    │                                 admin_unreachable, admin_token_missing, admin_bad_response, or the
+    │                                 daemon's own error code (Unauthorized, InvalidRequest, ...)
+    ├── DemoError                     ``backfilld demo`` could not run: demo_timeout, demo_workdir
     ├── RequestValidationError        an admin request body or query that is not acceptable (HTTP 400)
     ├── SyntaxValidationError         a DID, NSID, record key, TID, AT-URI or CID that does not parse
     └── JobError                      something that decides a job's outcome (SPEC 6.1)
@@ -60,6 +64,18 @@ class DatabaseLockedError(BackfillError):
     """Another daemon holds the database's lock file."""
 
     code = "database_locked"
+
+
+class AdminClientError(BackfillError):
+    """The admin client (the CLI) failed to talk to the daemon, or the daemon refused the request."""
+
+    code = "admin_client_error"
+
+
+class DemoError(BackfillError):
+    """The offline demo could not complete."""
+
+    code = "demo_error"
 
 
 class RequestValidationError(BackfillError):

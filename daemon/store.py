@@ -11,7 +11,7 @@ cursor checkpoint commit together, so a rolled-back page is simply fetched again
 
 Schema versions live in ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades older databases in place.
 
-Tables (documented for direct SQLite readers in ``docs/records-queue.md``): ``runs``, ``run_discovery``,
+Tables (the records queue is documented for direct SQLite readers in ``docs/operations.md``): ``runs``, ``run_discovery``,
 ``run_dids``, ``jobs``, ``records`` (the records queue), ``did_cache`` (known publishers), ``queue_stats``.
 """
 

@@ -106,25 +106,26 @@ def test_kill_9_during_a_large_backfill_then_restart_loses_and_duplicates_nothin
             "limits": {"max_backfill_dids": 1000},
             "network": {"per_host_rate": 0.0},
         }
-        first = DaemonProcess(tmp_path / "daemon", overrides).start()
-        dids = [a.did for a in spec.accounts]
-        run_id = first.call("POST", "/_admin/backfill", json={"dids": dids}).json()["run_id"]
-        deadline = time.monotonic() + 60
-        while first.call("GET", f"/_admin/runs/{run_id}").json()["records_enqueued"] < 15_000:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        first.kill()
-        assert first.proc is not None and first.proc.returncode == -9
-        second = first.start()  # the same config, database and port
+        daemon = DaemonProcess(tmp_path / "daemon", overrides).start()
         try:
-            run = second.wait_run_finished(run_id, timeout=120)
-            records = second.all_records()
-            jobs = second.all_jobs(run_id=run_id)
+            run_id = daemon.call(
+                "POST", "/_admin/backfill", json={"dids": [a.did for a in spec.accounts]}
+            ).json()["run_id"]
+            deadline = time.monotonic() + 60
+            while daemon.call("GET", f"/_admin/runs/{run_id}").json()["records_enqueued"] < 15_000:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            daemon.kill()
+            assert daemon.proc is not None and daemon.proc.returncode == -9
+            daemon.start()  # the same config, database and port
+            run = daemon.wait_run_finished(run_id, timeout=120)
+            records = daemon.all_records()
+            jobs = daemon.all_jobs(run_id=run_id)
         finally:
-            second.stop()
+            daemon.stop()
     got = [(r["did"], r["collection"], r["rkey"], r["cid"]) for r in records]
     assert run["state"] == "finished" and run["jobs"]["done"] == 150
     assert len(got) == len(set(got)) == 75_000
     assert set(got) == expected_records(spec)
     assert all(j["state"] == "done" for j in jobs)
-    assert "recovered interrupted jobs" in second.logs()
+    assert "recovered interrupted jobs" in daemon.logs()

