@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -129,3 +130,59 @@ def test_kill_9_during_a_large_backfill_then_restart_loses_and_duplicates_nothin
     assert set(got) == expected_records(spec)
     assert all(j["state"] == "done" for j in jobs)
     assert "recovered interrupted jobs" in daemon.logs()
+
+
+def _slow_network_daemon(tmp_path: Path, net: dict[str, object], grace: float) -> DaemonProcess:
+    return DaemonProcess(
+        tmp_path / "daemon",
+        {
+            "daemon": {"workers": 4, "shutdown_grace": grace},
+            "atproto": {"relay": net["relay_url"], "plc_directory": net["plc_url"], "collections": COLLS[:1]},
+            "limits": {"page_timeout": 60.0},
+            "network": {"per_host_rate": 0.0},
+        },
+    ).start()
+
+
+def test_sigterm_drains_after_the_current_page_and_a_restart_finishes_the_work(tmp_path: Path) -> None:
+    with simnet_process(tmp_path, accounts=12, records=400, hosts=2, collections=COLLS[:1], latency=0.1) as (
+        net,
+        spec,
+    ):
+        daemon = _slow_network_daemon(tmp_path, net, grace=30.0)
+        try:
+            run_id = daemon.call(
+                "POST", "/_admin/backfill", json={"dids": [a.did for a in spec.accounts]}
+            ).json()["run_id"]
+            while daemon.call("GET", "/_admin/status").json()["workers"]["busy"] < 4:
+                time.sleep(0.02)
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait(30) == 0
+            assert "job interrupted by shutdown; pending again" in daemon.logs()
+            daemon.start()
+            run = daemon.wait_run_finished(run_id, timeout=60)
+            records = daemon.all_records()
+        finally:
+            daemon.stop()
+    got = [(r["did"], r["collection"], r["rkey"], r["cid"]) for r in records]
+    assert run["jobs"]["done"] == 12 and len(got) == len(set(got)) == 4800
+    assert set(got) == expected_records(spec)
+
+
+def test_a_second_signal_cancels_at_once(tmp_path: Path) -> None:
+    with simnet_process(
+        tmp_path, accounts=0, records=0, hosts=1, collections=COLLS[:1], hostile={"pds_hang": 4}
+    ) as (net, spec):
+        daemon = _slow_network_daemon(tmp_path, net, grace=600.0)  # a drain would wait for the 60 s timeouts
+        try:
+            daemon.call("POST", "/_admin/backfill", json={"dids": [a.did for a in spec.accounts]})
+            while daemon.call("GET", "/_admin/status").json()["workers"]["busy"] < 4:
+                time.sleep(0.02)
+            daemon.signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert daemon.proc is not None and daemon.proc.poll() is None  # still draining
+            daemon.signal(signal.SIGINT)
+            assert daemon.wait(20) == 0
+        finally:
+            daemon.stop()
+    assert "second signal; cancelling now" in daemon.logs()
