@@ -226,8 +226,9 @@ def create_app(daemon: Daemon) -> QuartTrio:
     @app.get("/_admin/records")
     async def records() -> Response:
         after, limit = parse_page_query(request.args)
-        found = await run_db(store.list_records, after=after, limit=limit)
-        return jsonify({"records": [r.public() for r in found], "cursor": found[-1].id if found else None})
+        records, cursor = await run_db(store.list_records_json, after=after, limit=limit)
+        body = f'{{"records":{records},"cursor":{"null" if cursor is None else cursor}}}'
+        return Response(body, status=200, content_type="application/json")
 
     @app.post("/_admin/records/ack")
     async def records_ack() -> Response:

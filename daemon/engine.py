@@ -340,7 +340,7 @@ class Engine:
             else:
                 outcome = ("done", None, None)
             state, code, message = outcome
-            await self.db.run(
+            finished = await self.db.run(
                 store.finish_job,
                 job.id,
                 state=state,
@@ -351,7 +351,6 @@ class Engine:
             elapsed = trio.current_time() - started
             self.metrics.jobs_finished.labels(job.kind, state).inc()
             self.metrics.job_duration.labels(job.kind).observe(elapsed)
-            finished = await self.db.run(store.get_job, job.id)
             log.info(
                 "job finished",
                 state=state,

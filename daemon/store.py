@@ -18,6 +18,7 @@ Tables (the records queue is documented for direct SQLite readers in ``docs/oper
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import sqlite3
@@ -314,14 +315,41 @@ class Store:
                 self._lock_fd = None
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def group(self) -> Iterator[None]:
+        """One transaction around several calls (a group commit; see :class:`daemon.database.Database`).
+
+        Inside it, each method's own transaction is a savepoint: a call that fails rolls back alone, and
+        nothing is durable before the group commits.
+        """
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            yield self._conn
+            yield
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn
+        if conn.in_transaction:
+            # Inside a group commit: this call is a savepoint of the group's transaction.
+            conn.execute("SAVEPOINT call")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK TO call")
+                conn.execute("RELEASE call")
+                raise
+            conn.execute("RELEASE call")
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     # -- schema -------------------------------------------------------------------------------------
 
@@ -596,16 +624,19 @@ class Store:
         now: float,
         error_code: str | None = None,
         last_error: str | None = None,
-    ) -> None:
-        """Move a running job to a final state (done, failed, cancelled)."""
+    ) -> Job | None:
+        """Move a running job to a final state (done, failed, cancelled); returns the job as updated."""
         with self._tx() as conn:
             row = conn.execute(
                 "UPDATE jobs SET state = ?, error_code = ?, last_error = ?, lease_owner = NULL, updated_at = ? "
-                "WHERE id = ? RETURNING run_id",
+                f"WHERE id = ? RETURNING {_JOB_COLUMNS}",
                 (state, error_code, last_error, now, job_id),
             ).fetchone()
-            if row is not None:
-                self._mark_finished_if_idle(conn, row[0], now)
+            if row is None:
+                return None
+            job = Job(*row)
+            self._mark_finished_if_idle(conn, job.run_id, now)
+            return job
 
     def reschedule_job(
         self,
@@ -665,11 +696,12 @@ class Store:
         """
         with self._tx() as conn:
             before = conn.total_changes
-            conn.executemany(
-                "INSERT OR IGNORE INTO records (did, collection, rkey, operation, cid, source, run_id) "
-                "VALUES (?, ?, ?, 'create', ?, 'backfill', ?)",
-                [(did, collection, rkey, cid, run_id) for rkey, cid in records],
-            )
+            for start in range(0, len(records), _INSERT_ROWS):
+                chunk = records[start : start + _INSERT_ROWS]
+                conn.execute(
+                    _insert_records_sql(len(chunk)),
+                    [value for rkey, cid in chunk for value in (did, collection, rkey, cid, run_id)],
+                )
             added = conn.total_changes - before
             if added:
                 conn.execute("UPDATE queue_stats SET depth = depth + ? WHERE id = 1", (added,))
@@ -781,6 +813,20 @@ class Store:
         ).fetchall()
         return [RecordEntry(*r) for r in rows]
 
+    def list_records_json(self, *, after: int, limit: int) -> tuple[str, int | None]:
+        """What :meth:`list_records` finds, as the JSON array of the entries' public form, and the last id.
+
+        SQLite renders each entry (``json_object``), so serving a page of the queue builds no Python object
+        per record.
+        """
+        rows = self._conn.execute(
+            "SELECT id, json_object('id', id, 'did', did, 'collection', collection, 'rkey', rkey, "
+            "'operation', operation, 'cid', cid, 'source', source, 'run_id', run_id) FROM records "
+            "WHERE id > ? ORDER BY id LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return "[" + ",".join(row[1] for row in rows) + "]", (rows[-1][0] if rows else None)
+
     def ack_records(self, through: int) -> int:
         """Delete records with id <= ``through``; returns how many."""
         with self._tx() as conn:
@@ -823,6 +869,20 @@ class Store:
             (after, limit),
         ).fetchall()
         return [Publisher(*r) for r in rows]
+
+
+# Rows per INSERT statement: 5 parameters each, well under SQLite's 32,766 variables per statement.
+_INSERT_ROWS = 1000
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_records_sql(rows: int) -> str:
+    # One multi-row statement rather than executemany: one sqlite3_step, so one release and re-acquisition
+    # of the GIL, per page instead of per record (each re-acquisition waits for the busy trio thread).
+    return (
+        "INSERT OR IGNORE INTO records (did, collection, rkey, operation, cid, source, run_id) VALUES "
+        + ",".join(["(?, ?, ?, 'create', ?, 'backfill', ?)"] * rows)
+    )
 
 
 def _statements(script: str) -> list[str]:
