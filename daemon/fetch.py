@@ -495,33 +495,3 @@ def _decoder(content_encoding: str | None, where: str) -> _Gunzip | None:
     raise ProtocolViolation(
         f"GET {where}: unsupported Content-Encoding {content_encoding!r}", code="bad_response"
     )
-
-
-@asynccontextmanager
-async def open_fetcher(
-    *,
-    network: NetworkSettings,
-    max_response_bytes: int,
-    hosts: HostLimiter,
-    trusted_pool_size: int,
-    resolver: AddressResolver | None = None,
-    wall_clock: Callable[[], float] = time.time,
-    on_request: Callable[[str, int | None, float], None] | None = None,
-    on_pause: Callable[[], object] | None = None,
-) -> AsyncIterator[Fetcher]:
-    """A :class:`Fetcher` that is closed (all connections) when the ``async with`` ends."""
-    fetcher = Fetcher(
-        network=network,
-        max_response_bytes=max_response_bytes,
-        hosts=hosts,
-        trusted_pool_size=trusted_pool_size,
-        resolver=resolver,
-        wall_clock=wall_clock,
-        on_request=on_request,
-        on_pause=on_pause,
-    )
-    try:
-        yield fetcher
-    finally:
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + 5.0):
-            await fetcher.aclose()

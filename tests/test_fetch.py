@@ -636,21 +636,5 @@ async def test_busy_clients_and_the_one_in_use_are_never_evicted(
     assert busy.count("/slow") == 1
 
 
-async def test_open_fetcher_closes_its_connections(server: HTTPServer) -> None:
-    server.routes["/x"] = reply(200)
-    hosts = HostLimiter(per_host_concurrency=1, per_host_rate=0)
-    async with fetch.open_fetcher(
-        network=NetworkConfig(allow_private_addresses=True),
-        max_response_bytes=MIB,
-        hosts=hosts,
-        trusted_pool_size=1,
-    ) as fetcher:
-        await fetcher.get_json(server.url("/x"), timeout=5, host_class="plc")
-        assert server.open_connections == 1
-    with trio.fail_after(5):
-        while server.open_connections:
-            await trio.sleep(0.01)
-
-
 async def test_server_helper_sanity() -> None:
     assert response_bytes(200, b"{}").startswith(b"HTTP/1.1 200 X\r\n")
