@@ -42,7 +42,7 @@ class _Host:
 
     def __init__(self, concurrency: int, rate: float) -> None:
         self.semaphore = trio.Semaphore(concurrency)
-        self.bucket = TokenBucket(rate, burst=concurrency)
+        self.bucket = TokenBucket(rate, burst=1)
         self.in_flight = 0
         self.waiting = 0
         self.paused_until: float | None = None
@@ -51,7 +51,9 @@ class _Host:
 class HostLimiter:
     """Caps in-flight requests and request rate per host, and remembers which hosts asked for a pause.
 
-    ``per_host_rate`` is requests per second (0 = unlimited) with a burst of ``per_host_concurrency``.
+    ``per_host_rate`` is requests per second (0 = unlimited) with no burst: request starts are spaced at least
+    ``1 / per_host_rate`` apart, so no one-second window ever holds more than ``per_host_rate`` of them
+    (a PDS that counts requests per second never sees the limit exceeded).
     """
 
     def __init__(

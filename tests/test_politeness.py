@@ -12,12 +12,13 @@ from daemon.simnet import Account, HostOptions, NetworkSpec, build_spec, open_ne
 from tests.inprocess import COLL, finish, jobs_of, running_daemon, start_run
 
 
-async def test_peak_in_flight_and_rate_per_host_stay_within_limits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rate", [0.0, 25.0])
+async def test_peak_in_flight_and_rate_per_host_stay_within_limits(tmp_path: Path, rate: float) -> None:
     spec = build_spec(24, 250, collections=[COLL], hosts=2, latency=0.02)
     async with open_network(spec) as network:
         overrides = {
             "daemon": {"workers": 16},
-            "network": {"per_host_concurrency": 3, "per_host_rate": 25.0},
+            "network": {"per_host_concurrency": 3, "per_host_rate": rate},
         }
         async with running_daemon(tmp_path, network, overrides) as daemon:
             run = await finish(daemon, await start_run(daemon, dids=[a.did for a in spec.accounts]))
@@ -25,9 +26,13 @@ async def test_peak_in_flight_and_rate_per_host_stay_within_limits(tmp_path: Pat
     for host in range(2):
         stats = network.pds_stats(host)
         assert stats.requests == 36  # 12 accounts x 3 pages
-        assert 1 < stats.peak_in_flight <= 3
-        # a bucket of rate 25/s and burst 3 admits at most 25 + 3 requests in any one second
-        assert stats.peak_rate(1.0) <= 28
+        if rate:
+            # request starts are spaced 1/25 s apart, so a one-second window holds at most 25 of them;
+            # arrival jitter on the way to the server can squeeze one more into a window it observes
+            assert stats.peak_rate(1.0) <= 26
+            assert stats.peak_in_flight <= 3
+        else:
+            assert 1 < stats.peak_in_flight <= 3  # 16 workers, 8 pairs per host at a time: capped at 3
 
 
 async def test_a_rate_limited_host_pauses_while_other_hosts_keep_flowing(tmp_path: Path) -> None:
