@@ -196,7 +196,7 @@ def create_app(daemon: Daemon) -> QuartTrio:
         changed = await run_db(store.cancel_run, run_id, daemon.wall_clock())
         if changed is None:
             return error_response(404, "RunNotFound", f"no run with id {run_id}")
-        interrupted = daemon.engine.cancel_run(run_id)
+        interrupted = daemon.engine.cancel_run(run_id) if changed else 0
         found = await run_db(store.get_run, run_id)
         assert found is not None
         return jsonify({**found.public(), "interrupted_jobs": interrupted})

@@ -268,6 +268,6 @@ def _query_int(args: Mapping[str, str], name: str, default: int, minimum: int, m
 def _json(value: object) -> str:
     """``json.dumps`` of a value taken from a request, for an error message."""
     try:
-        return json.dumps(value)
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)  # as JSON.stringify writes it
     except RecursionError:
         return "<value nested too deeply to show>"

@@ -261,7 +261,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("cannot start", error_code=exc.code, error=exc.message)
         print(f"backfilld: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
-    trio.run(run_until_signalled, daemon)
+    failed: list[BaseException] = []
+    try:
+        trio.run(run_until_signalled, daemon)
+    except* OSError as group:
+        # Binding the admin address is the one start-up step that fails this way (port taken, no permission).
+        failed.extend(group.exceptions)
+    if failed:
+        log.error("cannot start", error_code="admin_listen_failed", error=str(failed[0]))
+        print(f"backfilld: cannot listen on {config.admin.listen}: {failed[0]}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -720,3 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``backfilld jobs | head``): not an error worth a traceback.
+        sys.stderr.close()
+        return EXIT_OK

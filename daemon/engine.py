@@ -11,8 +11,9 @@ Outcomes (SPEC 6.1) are decided here from the exception a handler raises:
 - :class:`PermanentJobError`: ``failed`` at once;
 - :class:`TransientJobError` (or an unexpected exception, as ``internal_error``): retried after
   full-jitter backoff until ``max_attempts`` tries, then ``failed``;
-- :class:`RateLimited`: back to ``pending`` until the host's resume time, the attempt refunded, at most
-  :data:`MAX_RATE_LIMIT_WAITS` times;
+- :class:`RateLimited`: back to ``pending`` until the host's resume time, the attempt refunded; at most
+  :data:`MAX_RATE_LIMIT_WAITS` waits for 429s the job itself received (waits for a pause another job's
+  429 caused cost nothing);
 - :class:`JobDeferred` (its host is paused or saturated): back to ``pending`` at no cost, without holding
   a worker;
 - :class:`JobInterrupted` (shutdown or a cancelled run between pages): pending again, or ``cancelled``.
@@ -302,7 +303,7 @@ class Engine:
                     return
             except RateLimited as exc:
                 self.metrics.job_errors.labels(exc.code).inc()
-                if job.rate_limit_waits + 1 > MAX_RATE_LIMIT_WAITS:
+                if exc.received and job.rate_limit_waits + 1 > MAX_RATE_LIMIT_WAITS:
                     outcome = (
                         "failed",
                         RATE_LIMIT_EXHAUSTED,
@@ -315,7 +316,7 @@ class Engine:
                         not_before=exc.resume_at,
                         now=self.wall_clock(),
                         refund_attempt=True,
-                        rate_limit_wait=True,
+                        rate_limit_wait=exc.received,
                         error_code=exc.code,
                         last_error=exc.message,
                         host=context.host,

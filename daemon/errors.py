@@ -153,7 +153,10 @@ class RateLimited(JobError):
 
     code = "rate_limited"
 
-    def __init__(self, message: str, *, host: str, resume_at: float) -> None:
+    def __init__(self, message: str, *, host: str, resume_at: float, received: bool = True) -> None:
         super().__init__(message)
         self.host = host
         self.resume_at = resume_at
+        # False when nothing was sent because the host was already paused (another job's 429): such a
+        # wait is not the job's own and does not count towards its limit of rate-limit waits.
+        self.received = received

@@ -103,7 +103,12 @@ class HostLimiter:
         """Raise :class:`RateLimited` when ``host`` is paused."""
         until = self.paused_until(host)
         if until is not None:
-            raise RateLimited(f"{host} is rate limited; paused until {until:.0f}", host=host, resume_at=until)
+            raise RateLimited(
+                f"{host} is rate limited; paused until {until:.0f}",
+                host=host,
+                resume_at=until,
+                received=False,
+            )
 
     def pause(self, host: str, until: float) -> None:
         """Pause ``host`` until the unix time ``until``; an existing later pause is kept."""

@@ -41,8 +41,7 @@ class Resolver:
         cached = await self._db.run(store.get_publisher, did)
         now = self._now()
         if cached is not None and now - cached.resolved_at < self._settings.ttl:
-            if now - cached.last_seen_at >= 60.0:
-                await self._db.run(store.touch_publisher, did, now)
+            await self._db.run(store.touch_publisher, did, now)
             return DidIdentity(did, cached.pds, cached.signing_key, cached.signing_key_id)
         identity = await self._fetch(did)
         await self._db.run(

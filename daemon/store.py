@@ -428,7 +428,7 @@ class Store:
         if run_id is None:
             return
         conn.execute(
-            "UPDATE runs SET finished_at = ? WHERE id = ? AND finished_at IS NULL AND cancelled_at IS NULL "
+            "UPDATE runs SET finished_at = ? WHERE id = ? AND finished_at IS NULL "
             "AND NOT EXISTS (SELECT 1 FROM jobs WHERE run_id = ? AND state IN ('pending', 'running'))",
             (now, run_id, run_id),
         )
@@ -451,7 +451,8 @@ class Store:
                 conn.execute("SELECT collections FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
             )
             admitted: list[str] = []
-            for did in dict.fromkeys(dids):
+            listed = dict.fromkeys(dids)
+            for did in listed:
                 if count >= max_dids:
                     break
                 cur = conn.execute(
@@ -463,7 +464,7 @@ class Store:
             result = self._enqueue_pairs(conn, run_id, admitted, collections, now)
             conn.execute(
                 "UPDATE run_discovery SET pages = pages + 1, dids = dids + ? WHERE run_id = ? AND collection = ?",
-                (len(admitted), run_id, collection),
+                (len(listed), run_id, collection),
             )
             conn.execute(
                 "UPDATE jobs SET cursor = ?, pages = pages + 1, updated_at = ? WHERE id = ?",
@@ -534,18 +535,25 @@ class Store:
         return [run for run_id in ids if (run := self.get_run(run_id)) is not None]
 
     def cancel_run(self, run_id: int, now: float) -> bool | None:
-        """Cancel a run's pending jobs; running ones are cancelled by the engine. None: no such run."""
+        """Cancel a run's pending jobs; running ones are cancelled by the engine.
+
+        Returns None when there is no such run, False when it had already finished or been cancelled (a
+        finished run stays ``finished``), True when it was cancelled now.
+        """
         with self._tx() as conn:
-            row = conn.execute("SELECT cancelled_at FROM runs WHERE id = ?", (run_id,)).fetchone()
+            row = conn.execute(
+                "SELECT cancelled_at, finished_at FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
             if row is None:
                 return None
-            if row[0] is not None:
+            if row[0] is not None or row[1] is not None:
                 return False
             conn.execute("UPDATE runs SET cancelled_at = ? WHERE id = ?", (now, run_id))
             conn.execute(
                 "UPDATE jobs SET state = 'cancelled', updated_at = ? WHERE run_id = ? AND state = 'pending'",
                 (now, run_id),
             )
+            self._mark_finished_if_idle(conn, run_id, now)
             return True
 
     def run_cancelled(self, run_id: int) -> bool:

@@ -122,7 +122,14 @@ def test_dids_cap_is_checked_before_deduplication() -> None:
     ],
 )
 def test_invalid_did_in_list(value: object) -> None:
-    assert backfill_error(json.dumps({"dids": [D1, value]})) == f"invalid DID in list: {json.dumps(value)}"
+    # the value as JavaScript's JSON.stringify writes it: compact, non-ASCII kept
+    shown = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    assert backfill_error(json.dumps({"dids": [D1, value]})) == f"invalid DID in list: {shown}"
+
+
+def test_invalid_did_is_shown_like_json_stringify() -> None:
+    assert backfill_error('{"dids": [{"a": [1, 2]}]}') == 'invalid DID in list: {"a":[1,2]}'
+    assert backfill_error('{"dids": ["did:plc:\u00e9"]}') == 'invalid DID in list: "did:plc:é"'
 
 
 def test_first_invalid_did_is_named() -> None:

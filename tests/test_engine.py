@@ -379,3 +379,20 @@ async def test_cancelling_a_run_cancels_its_running_job(
         assert engine.cancel_run(run_id) == 1
         [job] = await wait_for(engine, all_final)
     assert job.state == "cancelled"
+
+
+async def test_waits_for_a_pause_another_job_caused_cost_nothing(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    calls = 0
+
+    async def handler(job: Job, ctx: JobContext) -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= MAX_RATE_LIMIT_WAITS + 5:
+            raise RateLimited("paused", host="https://pds", resume_at=ctx.now() + 1, received=False)
+
+    async with running_engine(tmp_path, handler) as engine:
+        await enqueue(engine)
+        [job] = await wait_for(engine, all_final)
+    assert (job.state, job.rate_limit_waits, job.attempts) == ("done", 0, 1)

@@ -65,3 +65,15 @@ def test_logs_are_json_lines_when_asked(tmp_path: Path) -> None:
     proc.stop()
     lines = [line for line in proc.logs().splitlines() if line.startswith("{")]
     assert lines and all("event" in json.loads(line) for line in lines)
+
+
+def test_admin_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = DaemonProcess(tmp_path, {"admin": {"listen": f"127.0.0.1:{port}"}})
+        proc.start(wait=False)
+        assert proc.wait(30) == 1
+    assert f"backfilld: cannot listen on 127.0.0.1:{port}" in proc.logs()
+    assert "Traceback" not in proc.logs()

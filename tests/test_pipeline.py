@@ -282,6 +282,7 @@ async def test_did_cache_is_durable_and_reused(tmp_path: Path) -> None:
             assert network.plc_stats.requests == plc_requests  # served from the cache
             publishers = await daemon.db.run(daemon.db.store.list_publishers, after="", limit=10)
     assert [p.did for p in publishers] == sorted(dids)
+    assert all(p.last_seen_at > p.resolved_at for p in publishers)  # seen again on the second run
     assert all(p.pds == network.pds_urls[0] and p.signing_key and p.signing_key_id for p in publishers)
 
 

@@ -193,7 +193,7 @@ def test_discovery_page_caps_the_union_and_fans_out_pairs(store: Store) -> None:
     assert (second.new_dids, second.jobs_enqueued, second.cap_reached) == (1, 2, True)
     run = store.get_run(run_id)
     assert run is not None and run.dids == 2 and run.state == "discovering"
-    assert run.discovery[COLL].pages == 1 and run.discovery[COLL2].dids == 1
+    assert run.discovery[COLL].pages == 1 and run.discovery[COLL2].dids == 3  # listed by the relay for COLL2
     assert store.get_job(by_coll[COLL].id).cursor == "r1"  # type: ignore[union-attr]
 
 
@@ -242,3 +242,22 @@ def test_publisher_refresh_keeps_first_seen(store: Store) -> None:
     store.put_publisher(did=DID_B, pds="https://c", signing_key=None, signing_key_id=None, now=NOW)
     assert [x.did for x in store.list_publishers(after="", limit=1)] == [DID_A]
     assert [x.did for x in store.list_publishers(after=DID_A, limit=5)] == [DID_B]
+
+
+def test_cancelling_a_finished_run_changes_nothing(store: Store) -> None:
+    run_id, _ = store.create_run(mode="explicit", collections=[COLL], dids=[DID_A], now=NOW)
+    [job] = store.claim_jobs(now=NOW, limit=5, owner="t", max_records_queue=10)
+    store.finish_job(job.id, state="done", now=NOW + 1)
+    assert store.cancel_run(run_id, NOW + 2) is False
+    run = store.get_run(run_id)
+    assert run is not None and run.state == "finished" and run.finished_at == NOW + 1
+
+
+def test_cancelled_run_gets_finished_at_once_idle(store: Store) -> None:
+    run_id, _ = store.create_run(mode="explicit", collections=[COLL], dids=[DID_A, DID_B], now=NOW)
+    [running] = store.claim_jobs(now=NOW, limit=1, owner="t", max_records_queue=10)
+    assert store.cancel_run(run_id, NOW + 1) is True
+    assert store.get_run(run_id).finished_at is None  # type: ignore[union-attr]
+    store.finish_job(running.id, state="cancelled", now=NOW + 2)
+    run = store.get_run(run_id)
+    assert run is not None and run.state == "cancelled" and run.finished_at == NOW + 2
