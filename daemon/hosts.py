@@ -3,7 +3,7 @@
 One :class:`HostLimiter` serves the whole process; hosts are keyed by origin (``https://pds.example.com``,
 with the port when it is not the default). Two clocks are involved, on purpose:
 
-- pacing (the token bucket) runs on ``trio.current_time()`` and waits with ``trio.sleep``, so a test with
+- pacing (request starts spaced `1 / rate` apart) runs on ``trio.current_time()`` and waits with ``trio.sleep``, so a test with
   ``trio.testing.MockClock(autojump_threshold=0)`` drives it deterministically;
 - pauses are unix times (``resume_at`` of a 429, shown on ``/_admin/status``) read through the injected
   ``now`` callable. A test that wants pauses to follow the mock clock passes
@@ -12,6 +12,7 @@ with the port when it is not the default). Two clocks are involved, on purpose:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import trio
 
 from daemon.errors import RateLimited
-from daemon.ratelimit import TokenBucket
+from daemon.ratelimit import pacing_interval
 
 # Forget idle hosts once this many are known, so that a long backfill over many PDSes does not keep an
 # entry per host it ever touched.
@@ -38,11 +39,14 @@ class HostState:
 
 
 class _Host:
-    __slots__ = ("bucket", "in_flight", "paused_until", "semaphore", "waiting")
+    __slots__ = ("in_flight", "next_start", "pace", "paused_until", "semaphore", "waiting")
 
-    def __init__(self, concurrency: int, rate: float) -> None:
+    def __init__(self, concurrency: int) -> None:
         self.semaphore = trio.Semaphore(concurrency)
-        self.bucket = TokenBucket(rate, burst=1)
+        # Pacing is by actual start times, taken one at a time in FIFO order: a reservation scheme lets
+        # requests that woke late (a busy loop) go out back to back, which a per-second counter sees.
+        self.pace = trio.Lock()
+        self.next_start = -math.inf
         self.in_flight = 0
         self.waiting = 0
         self.paused_until: float | None = None
@@ -64,7 +68,7 @@ class HostLimiter:
         now: Callable[[], float] = time.time,
     ) -> None:
         self._concurrency = max(1, per_host_concurrency)
-        self._rate = per_host_rate
+        self._interval = pacing_interval(per_host_rate)
         self._now = now
         self._hosts: dict[str, _Host] = {}
         self._sweep_at = _SWEEP_THRESHOLD
@@ -90,9 +94,12 @@ class HostLimiter:
             entry.waiting -= 1
         entry.in_flight += 1
         try:
-            delay = entry.bucket.reserve(trio.current_time())
-            if delay > 0:
-                await trio.sleep(delay)
+            if self._interval:
+                async with entry.pace:
+                    delay = entry.next_start - trio.current_time()
+                    if delay > 0:
+                        await trio.sleep(delay)
+                    entry.next_start = trio.current_time() + self._interval
             self.raise_if_paused(host)
             yield
         finally:
@@ -141,11 +148,11 @@ class HostLimiter:
             if len(self._hosts) >= self._sweep_at:
                 self._sweep()
                 self._sweep_at = max(_SWEEP_THRESHOLD, 2 * len(self._hosts))
-            entry = self._hosts[host] = _Host(self._concurrency, self._rate)
+            entry = self._hosts[host] = _Host(self._concurrency)
         return entry
 
     def _sweep(self) -> None:
-        # An idle host whose bucket has refilled is indistinguishable from a new entry, so dropping it
+        # An idle host whose next start is due is indistinguishable from a new entry, so dropping it
         # cannot loosen the rate limit.
         now = trio.current_time()
         idle = [
@@ -154,7 +161,7 @@ class HostLimiter:
             if not entry.in_flight
             and not entry.waiting
             and self.paused_until(host) is None
-            and entry.bucket.is_full(now)
+            and entry.next_start <= now
         ]
         for host in idle:
             del self._hosts[host]

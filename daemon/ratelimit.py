@@ -1,4 +1,4 @@
-"""Rate-limit policy: when a rate-limited host may be asked again, and a token bucket for pacing requests.
+"""Rate-limit policy: when a rate-limited host may be asked again, and how far apart requests start.
 
 Pure: no I/O, no trio. Every function takes the current time as an argument, so callers decide which clock
 (unix wall time for pauses that are reported to operators, trio's clock for pacing).
@@ -95,43 +95,10 @@ def _retry_after(value: str | None, now: float) -> float | None:
         return None
 
 
-class TokenBucket:
-    """A token bucket that hands out reservations instead of refusals.
+def pacing_interval(rate: float) -> float:
+    """Seconds between the starts of two requests to one host at ``rate`` per second (0 when unlimited).
 
-    ``rate`` tokens per second refill the bucket up to ``burst`` tokens. ``reserve(now)`` takes one token and
-    returns how many seconds the caller must wait before acting on it (0 when a token was available). The
-    bucket may go into debt, so concurrent callers queue up in reservation order instead of polling: the
-    n-th caller beyond the burst waits ``n / rate`` seconds. ``rate <= 0`` means unlimited (always 0);
-    a ``burst`` below 1 is treated as 1. Time is passed in and must not go backwards (a monotonic clock).
+    A hair over ``1 / rate``, so that float rounding can never fit ``rate + 1`` spaced starts into one
+    second.
     """
-
-    __slots__ = ("_burst", "_last", "_rate", "_tokens")
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self._rate = rate
-        self._burst = float(max(1, burst))
-        self._tokens = self._burst
-        self._last: float | None = None
-
-    def reserve(self, now: float) -> float:
-        """Take one token at time ``now``; return the delay in seconds before it may be used."""
-        if self._rate <= 0:
-            return 0.0
-        self._refill(now)
-        self._tokens -= 1.0
-        if self._tokens >= 0:
-            return 0.0
-        return -self._tokens / self._rate
-
-    def is_full(self, now: float) -> bool:
-        """True when the bucket holds ``burst`` tokens, so a fresh bucket would behave the same."""
-        if self._rate <= 0:
-            return True
-        self._refill(now)
-        return self._tokens >= self._burst
-
-    def _refill(self, now: float) -> None:
-        if self._last is not None and now > self._last:
-            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        if self._last is None or now > self._last:
-            self._last = now
+    return 0.0 if rate <= 0 else (1.0 / rate) * (1.0 + 1e-9)
