@@ -185,7 +185,8 @@ async def test_idle_hosts_are_forgotten_without_loosening_the_rate(clock: trio.t
     for i in range(1500):
         async with limiter.slot(f"https://old{i}.example"):
             pass
-    await trio.sleep(2)  # every old host's next start is due: those hosts are now indistinguishable from new ones
+    # every old host's next start is due: those hosts are now indistinguishable from new ones
+    await trio.sleep(2)
     for i in range(1500):
         async with limiter.slot(f"https://new{i}.example"):
             pass
