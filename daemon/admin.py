@@ -2,12 +2,14 @@
 
 Request checks run in this order, each answering in the SPEC's JSON error shape:
 
-1. unknown path: 404; wrong method: 405 with ``Allow`` (before auth, so probing reveals nothing more);
+1. wrong method on a known route: 405 with ``Allow`` (before auth, as SPEC 5 asks);
 2. ``/_admin/*`` only: no token configured: 503; missing or wrong bearer token: 401 with
-   ``WWW-Authenticate: Bearer`` (scheme case-insensitive, token compared in constant time);
-3. a body over 1 MiB: 413 (by ``Content-Length`` before reading, and by Quart's body limit for
+   ``WWW-Authenticate: Bearer`` (scheme case-insensitive, token compared in constant time); so an
+   unauthenticated client cannot tell which admin paths exist;
+3. unknown path: 404;
+4. a body over 1 MiB: 413 (by ``Content-Length`` before reading, and by Quart's body limit for
    chunked uploads);
-4. the endpoint's own validation: 400 with the message from :mod:`daemon.admin_requests`.
+5. the endpoint's own validation: 400 with the message from :mod:`daemon.admin_requests`.
 
 Bodies are parsed by pure functions; this module only moves bytes, calls the store through the
 serialised database hop, and shapes JSON.
@@ -74,14 +76,14 @@ def create_app(daemon: Daemon) -> QuartTrio:
         if isinstance(routing, MethodNotAllowed):
             allowed = ", ".join(sorted(routing.valid_methods or ()))
             return error_response(405, "MethodNotAllowed", "method not allowed", {"Allow": allowed})
-        if isinstance(routing, NotFound):
-            return error_response(404, "NotFound", "not found")
         if request.path.startswith("/_admin/"):
             token = daemon.admin_token
             if token is None:
                 return error_response(503, "AdminNotConfigured", "admin endpoints not configured")
             if not bearer_token_matches(request.headers.get("Authorization"), token):
                 return error_response(401, "Unauthorized", "unauthorized", {"WWW-Authenticate": "Bearer"})
+        if isinstance(routing, NotFound):
+            return error_response(404, "NotFound", "not found")
         length = request.content_length
         if length is not None and length > MAX_BODY_BYTES:
             return _too_large()

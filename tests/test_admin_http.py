@@ -122,6 +122,12 @@ def test_chunked_body_over_one_mebibyte_is_413(daemon: DaemonProcess) -> None:
 def test_unknown_path_is_json_404(daemon: DaemonProcess) -> None:
     response = daemon.call("GET", "/_admin/nope")
     assert response.status_code == 404 and response.json()["error"] == "NotFound"
+    assert daemon.call("GET", "/nope", token=None).status_code == 404
+
+
+def test_unknown_admin_path_needs_the_token_first(daemon: DaemonProcess) -> None:
+    response = daemon.call("GET", "/_admin/nope", token=None)
+    assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
 
 
 @pytest.mark.parametrize(
