@@ -8,11 +8,13 @@ are permanent; a timeout, connection error or 5xx from the directory is transien
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import trio
 
 from daemon.database import Database
 from daemon.diddoc import DidIdentity, did_document_url, parse_did_document
-from daemon.errors import IdentityError, ProtocolViolation, UpstreamHTTPError
+from daemon.errors import IdentityError, JobError, ProtocolViolation, UpstreamHTTPError
 from daemon.fetch import Fetcher
 
 
@@ -22,6 +24,15 @@ class ResolverSettings:
     ttl: float
     timeout: float
     allow_private_addresses: bool
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """One DID lookup in flight, which later callers for the same DID wait for."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    identity: DidIdentity | None = None
+    error: JobError | None = None
 
 
 class Resolver:
@@ -34,25 +45,46 @@ class Resolver:
         self._fetcher = fetcher
         self._settings = settings
         self._now = wall_clock
+        self._lookups: dict[str, _Lookup] = {}
 
     async def resolve(self, did: str) -> DidIdentity:
-        """The account's PDS and signing key; raises IdentityError/BlockedAddress/transient errors."""
+        """The account's PDS and signing key; raises IdentityError/BlockedAddress/transient errors.
+
+        Concurrent resolutions of one DID (its collections' jobs start together) share one lookup, so the
+        PLC directory or did:web host is asked once.
+        """
         store = self._db.store
         cached = await self._db.run(store.get_publisher, did)
         now = self._now()
         if cached is not None and now - cached.resolved_at < self._settings.ttl:
             await self._db.run(store.touch_publisher, did, now)
             return DidIdentity(did, cached.pds, cached.signing_key, cached.signing_key_id)
-        identity = await self._fetch(did)
-        await self._db.run(
-            store.put_publisher,
-            did=did,
-            pds=identity.pds,
-            signing_key=identity.signing_key,
-            signing_key_id=identity.signing_key_id,
-            now=self._now(),
-        )
-        return identity
+        while (lookup := self._lookups.get(did)) is not None:
+            await lookup.done.wait()
+            if lookup.identity is not None:
+                return lookup.identity
+            if lookup.error is not None:
+                raise lookup.error
+            # the leader was cancelled before it had an answer: try again, perhaps as the leader
+        lookup = self._lookups[did] = _Lookup()
+        try:
+            identity = await self._fetch(did)
+            await self._db.run(
+                store.put_publisher,
+                did=did,
+                pds=identity.pds,
+                signing_key=identity.signing_key,
+                signing_key_id=identity.signing_key_id,
+                now=self._now(),
+            )
+            lookup.identity = identity
+            return identity
+        except JobError as exc:
+            lookup.error = exc
+            raise
+        finally:
+            del self._lookups[did]
+            lookup.done.set()
 
     async def _fetch(self, did: str) -> DidIdentity:
         settings = self._settings

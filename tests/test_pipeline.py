@@ -304,3 +304,19 @@ async def test_cancel_run_stops_its_jobs(tmp_path: Path) -> None:
                         break
                     await trio.sleep(0.01)
     assert run.state == "cancelled" and {j.state for j in jobs} == {"cancelled"}
+
+
+async def test_concurrent_jobs_of_one_did_share_one_resolution(tmp_path: Path) -> None:
+    collections = [COLL, "com.example.other", "com.example.third"]
+    spec = build_spec(2, 3, collections=collections, plc_latency=0.2)
+    spec = with_account(spec, Account(plc_did(9), 0, dict.fromkeys(collections, 3), "plc_404"))
+    async with open_network(spec) as network:
+        # enough workers for all nine jobs to start together (a failed lookup is not cached)
+        async with running_daemon(tmp_path, network, {"daemon": {"workers": 12}}) as daemon:
+            run_id = await start_run(daemon, dids=[a.did for a in spec.accounts])
+            run = await finish(daemon, run_id)
+            jobs = await jobs_of(daemon, run_id)
+    assert run.jobs["done"] == 6 and run.jobs["failed"] == 3
+    assert {j.error_code for j in jobs if j.state == "failed"} == {"did_not_found"}
+    assert all(j.attempts == 1 for j in jobs)
+    assert network.plc_stats.requests == 3  # one lookup per DID, though three jobs each wanted it
