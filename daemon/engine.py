@@ -205,13 +205,15 @@ class Engine:
             while not self.stopping:
                 self._wake = trio.Event()
                 if self._idle > 0:
+                    # a host that frees up or resumes meanwhile wakes the loop, so one look per pass will do
+                    excluded = self._excluded_hosts()
                     jobs = await self.db.run(
                         self.db.store.claim_jobs,
                         now=self.wall_clock(),
                         limit=self._idle,
                         owner=self.owner,
                         max_records_queue=self.settings.max_records_queue,
-                        excluded_hosts=self._excluded_hosts(),
+                        excluded_hosts=excluded,
                     )
                     if jobs:
                         self._idle -= len(jobs)
@@ -221,7 +223,7 @@ class Engine:
                     due = await self.db.run(
                         self.db.store.next_due,
                         max_records_queue=self.settings.max_records_queue,
-                        excluded_hosts=self._excluded_hosts(),
+                        excluded_hosts=excluded,
                     )
                     wait = math.inf if due is None else max(0.0, due - self.wall_clock())
                     wait = min(wait, self._next_unpause())

@@ -681,10 +681,6 @@ class Store:
                 ),
             )
 
-    def set_job_host(self, job_id: int, host: str) -> None:
-        with self._tx() as conn:
-            conn.execute("UPDATE jobs SET host = ? WHERE id = ?", (host, job_id))
-
     def record_page(
         self,
         *,
@@ -798,16 +794,6 @@ class Store:
             for rid in runs:
                 conn.execute("UPDATE runs SET finished_at = NULL, cancelled_at = NULL WHERE id = ?", (rid,))
             return requeued
-
-    def running_job_ids(self, run_id: int) -> list[int]:
-        return [
-            r[0]
-            for r in self._conn.execute(
-                "SELECT id FROM jobs WHERE run_id = ? AND state = 'running'", (run_id,)
-            )
-        ]
-
-    # -- records queue ------------------------------------------------------------------------------
 
     def queue_depth(self) -> int:
         (depth,) = self._conn.execute("SELECT depth FROM queue_stats WHERE id = 1").fetchone()
