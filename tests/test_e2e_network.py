@@ -6,6 +6,8 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
+
 from daemon.simnet import DaemonLimits, expected_failed, expected_records, possible_records
 from tests.daemonproc import DaemonProcess
 from tests.simnetproc import simnet_process
@@ -176,7 +178,9 @@ def test_a_second_signal_cancels_at_once(tmp_path: Path) -> None:
         daemon = _slow_network_daemon(tmp_path, net, grace=600.0)  # a drain would wait for the 60 s timeouts
         try:
             daemon.call("POST", "/_admin/backfill", json={"dids": [a.did for a in spec.accounts]})
-            while daemon.call("GET", "/_admin/status").json()["workers"]["busy"] < 4:
+            # wait until all four requests hang at the PDS (a job still resolving would stop at once)
+            pds = net["pds_urls"][0]
+            while httpx.get(net["control_url"] + "/stats", timeout=10).json()[pds]["in_flight"] < 4:
                 time.sleep(0.02)
             daemon.signal(signal.SIGTERM)
             time.sleep(0.5)

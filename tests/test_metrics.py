@@ -189,7 +189,8 @@ def test_http_requests_by_host_class_and_status(scrape: Scrape) -> None:
     assert pds_statuses == {k: float(v) for k, v in scrape.served_statuses(*scrape.info["pds_urls"]).items()}
     plc_statuses = scrape.requests("plc")
     assert plc_statuses == {k: float(v) for k, v in scrape.served_statuses(scrape.info["plc_url"]).items()}
-    assert plc_statuses["404"] == len(COLLECTIONS)  # plc_404: permanent, no retries, nothing cached
+    # plc_404: permanent, no retries, nothing cached; its pairs' jobs share a lookup when they overlap
+    assert 1 <= plc_statuses["404"] <= len(COLLECTIONS)
     # Each DID resolves at least once; a cached resolution is not fetched again.
     assert len(DISCOVERED) - 1 <= plc_statuses["200"] <= PAIRS - len(COLLECTIONS)
     assert (
