@@ -20,8 +20,8 @@ _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:()]*)(?::\d+)?\)$")
 # Library buckets, tested in order against a frame's file path.
 BUCKETS: tuple[tuple[str, str], ...] = (
     ("sqlite3 (store, in threads)", "daemon/store.py"),
-    ("daemon.pages + syntax (validation)", "daemon/pages.py"),
-    ("daemon.pages + syntax (validation)", "daemon/syntax.py"),
+    ("daemon.atproto.pages + syntax (validation)", "daemon/pages.py"),
+    ("daemon.atproto.pages + syntax (validation)", "daemon/syntax.py"),
     ("daemon.fetch", "daemon/fetch.py"),
     ("daemon.hosts/netguard/ratelimit", "daemon/hosts.py"),
     ("daemon.hosts/netguard/ratelimit", "daemon/netguard.py"),

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, TypeGuard
 
+from daemon.atproto.syntax import is_valid_did
 from daemon.errors import RequestValidationError
-from daemon.syntax import is_valid_did
 
 JOB_STATES = ("pending", "running", "done", "failed", "cancelled")
 RETRYABLE_STATES = ("failed", "cancelled")

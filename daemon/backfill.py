@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import structlog
 
+from daemon.atproto.pages import parse_list_records_page
 from daemon.database import Database
 from daemon.engine import JobContext
 from daemon.errors import AccountUnavailable, ProtocolViolation, UpstreamHTTPError
 from daemon.fetch import Fetcher, Response, origin_key
 from daemon.metrics import Metrics
-from daemon.pages import parse_list_records_page
 from daemon.resolver import Resolver
 from daemon.store import Job
 

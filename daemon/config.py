@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__
+from daemon.atproto.syntax import is_valid_nsid
 from daemon.errors import ConfigError
-from daemon.syntax import is_valid_nsid
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
 CONFIG_ENV = "BACKFILLD_CONFIG"

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from daemon.atproto.diddoc import DidIdentity, did_document_url, parse_did_document
 from daemon.database import Database
-from daemon.diddoc import DidIdentity, did_document_url, parse_did_document
 from daemon.errors import IdentityError, JobError, ProtocolViolation, UpstreamHTTPError
 from daemon.fetch import Fetcher
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: a fresh store per test, and the interop vectors' location."""
+"""Shared fixtures: a fresh store per test, and the vendored interop vectors' location."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from daemon.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+INTEROP = Path(__file__).resolve().parent / "interop"
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
-"""daemon.diddoc: DID -> document URL, and DID document -> PDS and signing key (SPEC 6 step 1)."""
+"""daemon.atproto.diddoc: DID -> document URL, and DID document -> PDS and signing key (SPEC 6 step 1)."""
 
 from __future__ import annotations
 
 import pytest
 
-from daemon.diddoc import DidIdentity, did_document_url, parse_did_document
+from daemon.atproto.diddoc import DidIdentity, did_document_url, parse_did_document
 from daemon.errors import BlockedAddress, IdentityError
 
 DID = "did:plc:7iza6de2dwap2sbkpav7c6c6"

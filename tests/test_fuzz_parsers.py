@@ -20,10 +20,9 @@ from daemon.admin_requests import (
     parse_publishers_query,
     parse_retry_request,
 )
-from daemon.diddoc import did_document_url, parse_did_document
-from daemon.errors import BackfillError, SyntaxValidationError
-from daemon.pages import RecordRef, parse_list_records_page, parse_list_repos_page
-from daemon.syntax import (
+from daemon.atproto.diddoc import did_document_url, parse_did_document
+from daemon.atproto.pages import RecordRef, parse_list_records_page, parse_list_repos_page
+from daemon.atproto.syntax import (
     is_valid_at_uri,
     is_valid_cid,
     is_valid_did,
@@ -33,6 +32,7 @@ from daemon.syntax import (
     is_valid_tid,
     parse_record_uri,
 )
+from daemon.errors import BackfillError, SyntaxValidationError
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,11 +1,10 @@
-"""daemon.pages: listRecords and listReposByCollection page parsing (SPEC 6)."""
+"""daemon.atproto.pages: listRecords and listReposByCollection page parsing (SPEC 6)."""
 
 from __future__ import annotations
 
 import pytest
 
-from daemon.errors import ProtocolViolation
-from daemon.pages import (
+from daemon.atproto.pages import (
     MAX_CURSOR_LENGTH,
     RecordRef,
     RecordsPage,
@@ -13,6 +12,7 @@ from daemon.pages import (
     parse_list_records_page,
     parse_list_repos_page,
 )
+from daemon.errors import ProtocolViolation
 
 DID = "did:plc:7iza6de2dwap2sbkpav7c6c6"
 OTHER_DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"

@@ -1,4 +1,4 @@
-"""daemon.syntax against the shared atproto interop vectors, plus the canonical record-URI parser."""
+"""daemon.atproto.syntax against the vendored atproto interop vectors (tests/interop), plus the canonical record-URI parser."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.errors import SyntaxValidationError
-from daemon.syntax import (
+from daemon.atproto.syntax import (
     RecordUri,
     is_valid_at_uri,
     is_valid_cid,
@@ -19,8 +18,9 @@ from daemon.syntax import (
     is_valid_tid,
     parse_record_uri,
 )
+from daemon.errors import SyntaxValidationError
 
-VECTORS_DIR = Path(__file__).resolve().parents[2] / "shared" / "interop-tests" / "syntax"
+VECTORS_DIR = Path(__file__).resolve().parent / "interop" / "syntax"
 
 VALIDATORS: dict[str, Callable[[str], bool]] = {
     "did": is_valid_did,
@@ -34,13 +34,7 @@ VALIDATORS: dict[str, Callable[[str], bool]] = {
 
 
 def _vectors() -> list[object]:
-    """One pytest param per vector line; a single skipped param when the vectors are not there."""
-    if not VECTORS_DIR.is_dir():
-        return [
-            pytest.param(
-                "", "", True, marks=pytest.mark.skip(reason=f"interop vectors not found at {VECTORS_DIR}")
-            )
-        ]
+    """One pytest param per vector line (the vendored vectors must be there: a missing file fails)."""
     params: list[object] = []
     for kind in VALIDATORS:
         for expected, suffix in ((True, "valid"), (False, "invalid")):
@@ -60,8 +54,6 @@ def test_interop_vector(kind: str, value: str, expected: bool) -> None:
 
 
 def test_every_vector_file_is_used() -> None:
-    if not VECTORS_DIR.is_dir():
-        pytest.skip(f"interop vectors not found at {VECTORS_DIR}")
     for kind in VALIDATORS:
         for suffix in ("valid", "invalid"):
             path = VECTORS_DIR / f"{kind}_syntax_{suffix}.txt"

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from daemon.atproto.syntax import is_valid_cid, is_valid_did, is_valid_record_key, parse_record_uri
 from daemon.errors import ProtocolViolation, SyntaxValidationError
-from daemon.syntax import is_valid_cid, is_valid_did, is_valid_record_key, parse_record_uri
 
 MAX_CURSOR_LENGTH = 4096
 

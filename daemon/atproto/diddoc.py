@@ -34,8 +34,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from daemon.atproto.syntax import is_valid_did, is_valid_handle
 from daemon.errors import BlockedAddress, IdentityError
-from daemon.syntax import is_valid_did, is_valid_handle
 
 PDS_SERVICE_TYPE = "AtprotoPersonalDataServer"
 MAX_ENDPOINT_LENGTH = 2048
