@@ -19,17 +19,13 @@ _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:()]*)(?::\d+)?\)$")
 
 # Library buckets, tested in order against a frame's file path.
 BUCKETS: tuple[tuple[str, str], ...] = (
-    ("sqlite3 (store, in threads)", "daemon/store.py"),
-    ("daemon.atproto.pages + syntax (validation)", "daemon/pages.py"),
-    ("daemon.atproto.pages + syntax (validation)", "daemon/syntax.py"),
-    ("daemon.fetch", "daemon/fetch.py"),
-    ("daemon.hosts/netguard/ratelimit", "daemon/hosts.py"),
-    ("daemon.hosts/netguard/ratelimit", "daemon/netguard.py"),
-    ("daemon.hosts/netguard/ratelimit", "daemon/ratelimit.py"),
+    ("daemon.store (SQL, in its thread)", "daemon/store/"),
+    ("daemon.atproto (validation, decoding)", "daemon/atproto/"),
+    ("daemon.net (fetch, hosts, guard, rate limits)", "daemon/net/"),
     ("daemon.metrics + prometheus_client", "daemon/metrics.py"),
     ("daemon.metrics + prometheus_client", "prometheus_client/"),
     ("structlog", "structlog/"),
-    ("daemon (engine, backfill, resolver, database)", "daemon/"),
+    ("daemon (engine, jobs, admin, process)", "daemon/"),
     ("h11", "h11/"),
     ("httpcore", "httpcore/"),
     ("httpx", "httpx/"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.store import Store
+from daemon.store.sqlite import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 INTEROP = Path(__file__).resolve().parent / "interop"

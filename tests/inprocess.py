@@ -15,9 +15,9 @@ from typing import Any
 import trio
 
 from daemon.config import parse_config
-from daemon.runtime import Daemon
+from daemon.process.daemon import Daemon
 from daemon.simnet import RunningNetwork
-from daemon.store import Job, Run
+from daemon.store.sqlite import Job, Run
 
 COLL = "com.example.record"
 FAST: dict[str, dict[str, Any]] = {

@@ -1,4 +1,4 @@
-"""daemon.admin_requests: admin request bodies and query strings (SPEC 5)."""
+"""daemon.admin.requests: admin request bodies and query strings (SPEC 5)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping
 
 import pytest
 
-from daemon import admin_requests
-from daemon.admin_requests import (
+from daemon.admin import requests as admin_requests
+from daemon.admin.requests import (
     BackfillRequest,
     JobsQuery,
     PageQuery,

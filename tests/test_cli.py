@@ -18,11 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from daemon.cli import build_parser, main, wait_for_run
-from daemon.client import AdminClient, AdminEndpoint, AdminToken, admin_endpoint, read_admin_token
+from daemon.cli.client import AdminClient, AdminEndpoint, AdminToken, admin_endpoint, read_admin_token
+from daemon.cli.main import build_parser, main, wait_for_run
+from daemon.cli.progress import ProgressDisplay
 from daemon.config import load_config
 from daemon.errors import BackfillError
-from daemon.progress import ProgressDisplay
 from daemon.simnet import DaemonLimits, demo_spec, expected_records
 from tests.daemonproc import ROOT, TOKEN, DaemonProcess, free_port, write_config
 from tests.simnetproc import SimnetProcess

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon.database import Database
-from daemon.store import Store
+from daemon.store.database import Database
+from daemon.store.sqlite import Store
 
 
 def _job(store: Store, did: str) -> int:

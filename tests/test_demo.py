@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemon.demo import Observed, compare, demo_config
+from daemon.cli.demo import Observed, compare, demo_config
 from daemon.simnet import DaemonLimits, demo_spec, expected_failed, expected_records
 from tests.daemonproc import ROOT, write_config
 

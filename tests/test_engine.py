@@ -11,12 +11,12 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from daemon.backoff import RetryPolicy
-from daemon.database import Database
-from daemon.engine import MAX_RATE_LIMIT_WAITS, Engine, EngineSettings, JobContext, JobDeferred
+from daemon.engine.backoff import RetryPolicy
+from daemon.engine.runner import MAX_RATE_LIMIT_WAITS, Engine, EngineSettings, JobContext, JobDeferred
 from daemon.errors import AccountUnavailable, RateLimited, UpstreamTimeout
 from daemon.metrics import Metrics
-from daemon.store import Job, Store
+from daemon.store.database import Database
+from daemon.store.sqlite import Job, Store
 
 EPOCH = 1_700_000_000.0
 COLL = "com.example.record"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from daemon import fetch
+from daemon.net import fetch
 from daemon.config import NetworkConfig
 from daemon.errors import (
     BlockedAddress,
@@ -22,8 +22,8 @@ from daemon.errors import (
     UpstreamConnectError,
     UpstreamTimeout,
 )
-from daemon.fetch import Fetcher, Response, origin_key
-from daemon.hosts import HostLimiter
+from daemon.net.fetch import Fetcher, Response, origin_key
+from daemon.net.hosts import HostLimiter
 from tests.httpserver import (
     HTTPServer,
     ServerRequest,

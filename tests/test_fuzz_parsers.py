@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.admin_requests import (
+from daemon.admin.requests import (
     BackfillRequest,
     PageQuery,
     RetryRequest,

@@ -5,7 +5,7 @@ import trio
 import trio.testing
 
 from daemon.errors import RateLimited
-from daemon.hosts import HostLimiter, HostState
+from daemon.net.hosts import HostLimiter, HostState
 
 EPOCH = 1_700_000_000.0
 HOST = "https://pds.example.com"

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from daemon.errors import BlockedAddress
-from daemon.netguard import GuardedNetworkBackend, SystemResolver, is_global_address
+from daemon.net.guard import GuardedNetworkBackend, SystemResolver, is_global_address
 
 PUBLIC_V4 = "93.184.216.34"
 PUBLIC_V6 = "2606:2800:220:1:248:1893:25c8:1946"

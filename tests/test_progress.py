@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from daemon.progress import (
+from daemon.cli.progress import (
     ProgressDisplay,
     eta_seconds,
     format_duration,

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.ratelimit import pacing_interval, rate_limit_resume_at
+from daemon.net.ratelimit import pacing_interval, rate_limit_resume_at
 
 NOW = 1_700_000_000.0
 

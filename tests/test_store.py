@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import DatabaseLockedError
-from daemon.store import MIGRATIONS, SCHEMA_VERSION, Store
+from daemon.store.sqlite import MIGRATIONS, SCHEMA_VERSION, Store
 
 NOW = 1_700_000_000.0
 DID_A = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 import structlog
 import trio
 
-from daemon.backoff import RetryPolicy
-from daemon.database import Database
+from daemon.engine.backoff import RetryPolicy
 from daemon.errors import (
     INTERNAL_ERROR,
     RATE_LIMIT_EXHAUSTED,
@@ -42,7 +41,8 @@ from daemon.errors import (
     TransientJobError,
 )
 from daemon.metrics import Metrics
-from daemon.store import Job
+from daemon.store.database import Database
+from daemon.store.sqlite import Job
 
 MAX_RATE_LIMIT_WAITS = 20
 

@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 import outcome
 import trio
 
-from daemon.store import Store
+from daemon.store.sqlite import Store
 
 P = ParamSpec("P")
 R = TypeVar("R")

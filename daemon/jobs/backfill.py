@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import structlog
 
 from daemon.atproto.pages import parse_list_records_page
-from daemon.database import Database
-from daemon.engine import JobContext
+from daemon.engine.runner import JobContext
 from daemon.errors import AccountUnavailable, ProtocolViolation, UpstreamHTTPError
-from daemon.fetch import Fetcher, Response, origin_key
+from daemon.jobs.resolver import Resolver
 from daemon.metrics import Metrics
-from daemon.resolver import Resolver
-from daemon.store import Job
+from daemon.net.fetch import Fetcher, Response, origin_key
+from daemon.store.database import Database
+from daemon.store.sqlite import Job
 
 LIST_RECORDS = "/xrpc/com.atproto.repo.listRecords"
 

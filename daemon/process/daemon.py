@@ -21,22 +21,22 @@ import structlog
 import trio
 
 from daemon import __version__
-from daemon.admin import create_app
-from daemon.admintoken import load_admin_token
-from daemon.backfill import BackfillHandler, BackfillSettings
-from daemon.backoff import RetryPolicy
+from daemon.admin.app import create_app
+from daemon.admin.server import serve_admin
+from daemon.admin.token import load_admin_token
 from daemon.config import Config
-from daemon.database import Database
-from daemon.discovery import DiscoverHandler, DiscoverySettings
-from daemon.engine import Engine, EngineSettings, JobHandler
-from daemon.fetch import Fetcher
-from daemon.hosts import HostLimiter
+from daemon.engine.backoff import RetryPolicy
+from daemon.engine.runner import Engine, EngineSettings, JobHandler
+from daemon.jobs.backfill import BackfillHandler, BackfillSettings
+from daemon.jobs.discovery import DiscoverHandler, DiscoverySettings
+from daemon.jobs.resolver import Resolver, ResolverSettings
 from daemon.metrics import Metrics
-from daemon.netguard import AddressResolver
-from daemon.resolver import Resolver, ResolverSettings
-from daemon.sdnotify import Notifier
-from daemon.server import serve_admin
-from daemon.store import Store
+from daemon.net.fetch import Fetcher
+from daemon.net.guard import AddressResolver
+from daemon.net.hosts import HostLimiter
+from daemon.process.sdnotify import Notifier
+from daemon.store.database import Database
+from daemon.store.sqlite import Store
 
 log = structlog.get_logger("backfilld")
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import trio
 
 from daemon.atproto.diddoc import DidIdentity, did_document_url, parse_did_document
-from daemon.database import Database
 from daemon.errors import IdentityError, JobError, ProtocolViolation, UpstreamHTTPError
-from daemon.fetch import Fetcher
+from daemon.net.fetch import Fetcher
+from daemon.store.database import Database
 
 
 @dataclass(frozen=True, slots=True)

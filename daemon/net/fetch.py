@@ -8,7 +8,7 @@ What it guarantees, whoever the caller is (SPEC 6, 6.1, 7):
   (the connection is closed, never drained): ``ProtocolViolation("response_too_large")``;
 - redirects are never followed: any 3xx is ``ProtocolViolation("redirect")``;
 - PDS and did:web URLs (attacker-controlled) must be https and may only reach global addresses
-  (:mod:`daemon.netguard`) unless ``allow_private_addresses``; relay and PLC URLs come from the operator and
+  (:mod:`daemon.net.guard`) unless ``allow_private_addresses``; relay and PLC URLs come from the operator and
   are trusted;
 - PDS and did:web requests take a per-host slot from :class:`~daemon.hosts.HostLimiter`; a 429 pauses the
   host (for every class) and raises :class:`RateLimited`, and nothing is sent to a paused host;
@@ -54,9 +54,9 @@ from daemon.errors import (
     UpstreamConnectError,
     UpstreamTimeout,
 )
-from daemon.hosts import HostLimiter
-from daemon.netguard import AddressResolver, GuardedNetworkBackend
-from daemon.ratelimit import rate_limit_resume_at
+from daemon.net.guard import AddressResolver, GuardedNetworkBackend
+from daemon.net.hosts import HostLimiter
+from daemon.net.ratelimit import rate_limit_resume_at
 
 # The host classes: "pds" and "didweb" are attacker-controlled, "relay" and "plc" operator-configured.
 # Operator-configured endpoints (SPEC 7): may be http or on loopback, no per-host politeness limits.

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import structlog
 
 from daemon.atproto.pages import parse_list_repos_page
-from daemon.database import Database
-from daemon.engine import JobContext
+from daemon.engine.runner import JobContext
 from daemon.errors import JobError, ProtocolViolation, UpstreamHTTPError
-from daemon.fetch import Fetcher
 from daemon.metrics import Metrics
-from daemon.store import Job
+from daemon.net.fetch import Fetcher
+from daemon.store.database import Database
+from daemon.store.sqlite import Job
 
 LIST_REPOS = "/xrpc/com.atproto.sync.listReposByCollection"
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import trio
 
 from daemon.errors import RateLimited
-from daemon.ratelimit import pacing_interval
+from daemon.net.ratelimit import pacing_interval
 
 # Forget idle hosts once this many are known, so that a long backfill over many PDSes does not keep an
 # entry per host it ever touched.

@@ -9,7 +9,7 @@ Request checks run in this order, each answering in the SPEC's JSON error shape:
 3. unknown path: 404;
 4. a body over 1 MiB: 413 (by ``Content-Length`` before reading, and by Quart's body limit for
    chunked uploads);
-5. the endpoint's own validation: 400 with the message from :mod:`daemon.admin_requests`.
+5. the endpoint's own validation: 400 with the message from :mod:`daemon.admin.requests`.
 
 Bodies are parsed by pure functions; this module only moves bytes, calls the store through the
 serialised database hop, and shapes JSON.
@@ -26,7 +26,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from daemon import __version__
-from daemon.admin_requests import (
+from daemon.admin.requests import (
     parse_ack_request,
     parse_backfill_request,
     parse_jobs_query,
@@ -38,7 +38,7 @@ from daemon.errors import RequestValidationError
 from daemon.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from daemon.runtime import Daemon
+    from daemon.process.daemon import Daemon
 
 MAX_BODY_BYTES = 1024 * 1024
 

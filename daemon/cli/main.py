@@ -2,7 +2,7 @@
 
 ``run`` is the daemon itself; ``check-config`` validates a config file; ``demo`` runs a complete backfill
 against the built-in simulated network. Every other command talks to a running daemon over its admin API
-(:mod:`daemon.client`), finding the address and token through the same ``config.toml`` the daemon reads.
+(:mod:`daemon.cli.client`), finding the address and token through the same ``config.toml`` the daemon reads.
 
 Output is a human-readable table by default and JSON with ``--json``; ``records`` always writes JSON lines.
 Exit status: 0 success; 1 when the daemon refused or could not be reached (one line on stderr saying why),
@@ -24,11 +24,11 @@ from types import FrameType
 from typing import Any
 
 from daemon import __version__
-from daemon.client import UNREACHABLE, AdminClient
+from daemon.cli.client import UNREACHABLE, AdminClient
+from daemon.cli.progress import FINAL_STATES, ProgressDisplay, format_duration, plural, run_elapsed
 from daemon.config import CONFIG_ENV, Config, config_path, load_config
 from daemon.errors import BackfillError, ConfigError
-from daemon.progress import FINAL_STATES, ProgressDisplay, format_duration, plural, run_elapsed
-from daemon.store import JOB_STATES
+from daemon.store.sqlite import JOB_STATES
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -249,8 +249,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import structlog
     import trio
 
-    from daemon.logsetup import configure_logging
-    from daemon.runtime import Daemon, run_until_signalled
+    from daemon.process.daemon import Daemon, run_until_signalled
+    from daemon.process.logsetup import configure_logging
 
     config = _load(args)
     configure_logging(config.daemon.log_format, config.daemon.log_level)
@@ -690,7 +690,7 @@ def _output_closed(args: argparse.Namespace, last_acked: int) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
+    from daemon.cli.demo import run_demo
 
     explicit = args.config is not None or bool(os.environ.get(CONFIG_ENV))
     path = config_path(args.config)

@@ -25,8 +25,9 @@ from typing import Any, TextIO
 
 import trio
 
-from daemon.cli import describe_started, iter_jobs, wait_for_run
-from daemon.client import AdminClient, endpoint_from_url, read_admin_token
+from daemon.cli.client import AdminClient, endpoint_from_url, read_admin_token
+from daemon.cli.main import describe_started, iter_jobs, wait_for_run
+from daemon.cli.progress import ProgressDisplay, plural, run_elapsed
 from daemon.config import (
     DEFAULT_COLLECTIONS,
     AdminConfig,
@@ -38,9 +39,8 @@ from daemon.config import (
     RetryConfig,
 )
 from daemon.errors import BackfillError, DemoError
-from daemon.logsetup import configure_logging
-from daemon.progress import ProgressDisplay, plural, run_elapsed
-from daemon.runtime import Daemon
+from daemon.process.daemon import Daemon
+from daemon.process.logsetup import configure_logging
 from daemon.simnet import (
     DaemonLimits,
     NetworkSpec,
@@ -50,7 +50,7 @@ from daemon.simnet import (
     open_network,
 )
 from daemon.simnet import relay_dids as relay_listing
-from daemon.store import JOB_STATES
+from daemon.store.sqlite import JOB_STATES
 
 DATABASE_NAME = "backfilld.sqlite3"
 LOG_NAME = "daemon.log"

@@ -1,0 +1,1 @@
+"""The job handlers: discovery (relay), backfill (PDS), and DID resolution."""

@@ -1,0 +1,1 @@
+"""The daemon process (SPEC 3): the root nursery, signals, logging, systemd notification."""
