@@ -17,7 +17,7 @@ import trio
 from daemon.config import parse_config
 from daemon.process.daemon import Daemon
 from daemon.simnet import RunningNetwork
-from daemon.store.sqlite import Job, Run
+from daemon.store.models import Job, Run
 
 COLL = "com.example.record"
 FAST: dict[str, dict[str, Any]] = {

@@ -19,8 +19,9 @@ import httpx
 import pytest
 
 from daemon.cli.client import AdminClient, AdminEndpoint, AdminToken, admin_endpoint, read_admin_token
-from daemon.cli.main import build_parser, main, wait_for_run
+from daemon.cli.main import build_parser, main
 from daemon.cli.progress import ProgressDisplay
+from daemon.cli.runs import wait_for_run
 from daemon.config import load_config
 from daemon.errors import BackfillError
 from daemon.simnet import DaemonLimits, demo_spec, expected_records

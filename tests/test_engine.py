@@ -12,11 +12,14 @@ import trio
 import trio.testing
 
 from daemon.engine.backoff import RetryPolicy
-from daemon.engine.runner import MAX_RATE_LIMIT_WAITS, Engine, EngineSettings, JobContext, JobDeferred
-from daemon.errors import AccountUnavailable, RateLimited, UpstreamTimeout
+from daemon.engine.context import JobContext
+from daemon.engine.outcome import MAX_RATE_LIMIT_WAITS
+from daemon.engine.runner import Engine, EngineSettings
+from daemon.errors import AccountUnavailable, JobDeferred, RateLimited, UpstreamTimeout
 from daemon.metrics import Metrics
 from daemon.store.database import Database
-from daemon.store.sqlite import Job, Store
+from daemon.store.models import Job
+from daemon.store.sqlite import Store
 
 EPOCH = 1_700_000_000.0
 COLL = "com.example.record"

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import trio
 
-from daemon.net import fetch
 from daemon.config import NetworkConfig
 from daemon.errors import (
     BlockedAddress,
@@ -22,6 +21,7 @@ from daemon.errors import (
     UpstreamConnectError,
     UpstreamTimeout,
 )
+from daemon.net import fetch
 from daemon.net.fetch import Fetcher, Response, origin_key
 from daemon.net.hosts import HostLimiter
 from tests.httpserver import (

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.errors import DatabaseLockedError
-from daemon.store.sqlite import MIGRATIONS, SCHEMA_VERSION, Store
+from daemon.errors import StartupError
+from daemon.store.schema import MIGRATIONS, SCHEMA_VERSION
+from daemon.store.sqlite import Store
 
 NOW = 1_700_000_000.0
 DID_A = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"
@@ -52,7 +53,7 @@ def test_refuses_a_schema_newer_than_it_knows(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(DatabaseLockedError, match="newer"):
+    with pytest.raises(StartupError, match="newer"):
         Store.open(path)
 
 
@@ -60,7 +61,7 @@ def test_second_instance_is_refused_while_the_first_holds_the_lock(tmp_path: Pat
     path = tmp_path / "db.sqlite3"
     first = Store.open(path)
     try:
-        with pytest.raises(DatabaseLockedError, match="another backfilld is already running"):
+        with pytest.raises(StartupError, match="another backfilld is already running"):
             Store.open(path)
     finally:
         first.close()

@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass
 
 from daemon.atproto.syntax import is_valid_did, is_valid_handle
-from daemon.errors import BlockedAddress, IdentityError
+from daemon.errors import BlockedAddress, Code, IdentityError
 
 PDS_SERVICE_TYPE = "AtprotoPersonalDataServer"
 MAX_ENDPOINT_LENGTH = 2048
@@ -75,16 +75,16 @@ def did_document_url(did: str, *, plc_directory: str, allow_private: bool) -> st
     ``unsupported_did``) or BlockedAddress (``insecure_url``), see the module docstring.
     """
     if not is_valid_did(did):
-        raise IdentityError(f"not a valid DID: {did[:120]!r}", code="invalid_did")
+        raise IdentityError(f"not a valid DID: {did[:120]!r}", code=Code.INVALID_DID)
     if did.startswith("did:plc:"):
         if _PLC_RE.fullmatch(did) is None:
-            raise IdentityError(f"not a valid did:plc identifier: {did[:120]!r}", code="invalid_did")
+            raise IdentityError(f"not a valid did:plc identifier: {did[:120]!r}", code=Code.INVALID_DID)
         return f"{plc_directory.rstrip('/')}/{did}"
     if did.startswith("did:web:"):
         return _did_web_url(did, allow_private=allow_private)
     method = did.split(":", 2)[1]
     raise IdentityError(
-        f"unsupported DID method {method[:40]!r}: only plc and web are", code="unsupported_did"
+        f"unsupported DID method {method[:40]!r}: only plc and web are", code=Code.UNSUPPORTED_DID
     )
 
 
@@ -107,34 +107,34 @@ def _did_web_url(did: str, *, allow_private: bool) -> str:
     identifier = did[len("did:web:") :]
     if ":" in identifier:
         raise IdentityError(
-            f"path-based did:web is not supported by atproto: {did[:120]!r}", code="unsupported_did"
+            f"path-based did:web is not supported by atproto: {did[:120]!r}", code=Code.UNSUPPORTED_DID
         )
     port_match = _WEB_PORT_RE.fullmatch(identifier)
     host = port_match["host"] if port_match else identifier
     if port_match is None and "%" in identifier:
-        raise IdentityError(f"did:web host is not a hostname: {did[:120]!r}", code="invalid_did")
+        raise IdentityError(f"did:web host is not a hostname: {did[:120]!r}", code=Code.INVALID_DID)
     if host.lower() == "localhost":
         if port_match is None:
             return "https://localhost/.well-known/did.json"
         port = int(port_match["port"])
         if not 0 < port < 65536:
-            raise IdentityError(f"did:web port out of range: {did[:120]!r}", code="invalid_did")
+            raise IdentityError(f"did:web port out of range: {did[:120]!r}", code=Code.INVALID_DID)
         if not allow_private:
             raise BlockedAddress(
                 f"{did} is served over http://localhost, allowed only with allow_private_addresses",
-                code="insecure_url",
+                code=Code.INSECURE_URL,
             )
         return f"http://localhost:{port}/.well-known/did.json"
     if not is_valid_handle(host):
-        raise IdentityError(f"did:web host is not a hostname: {did[:120]!r}", code="invalid_did")
+        raise IdentityError(f"did:web host is not a hostname: {did[:120]!r}", code=Code.INVALID_DID)
     if port_match is not None:
         raise IdentityError(
-            f"did:web with a port is supported only for localhost: {did[:120]!r}", code="unsupported_did"
+            f"did:web with a port is supported only for localhost: {did[:120]!r}", code=Code.UNSUPPORTED_DID
         )
     tld = host.rsplit(".", 1)[1].lower()
     if tld in RESERVED_TLDS:
         raise IdentityError(
-            f"did:web under reserved TLD .{tld} is not supported: {did}", code="unsupported_did"
+            f"did:web under reserved TLD .{tld} is not supported: {did}", code=Code.UNSUPPORTED_DID
         )
     return f"https://{host.lower()}/.well-known/did.json"
 
@@ -142,27 +142,28 @@ def _did_web_url(did: str, *, allow_private: bool) -> str:
 def _pds_endpoint(did: str, doc: dict[object, object], *, allow_http: bool) -> str:
     services = doc.get("service")
     if services is None:
-        raise IdentityError(f"DID document of {did} has no services", code="no_pds_service")
+        raise IdentityError(f"DID document of {did} has no services", code=Code.NO_PDS_SERVICE)
     if not isinstance(services, list):
         raise IdentityError(f"DID document of {did} has a `service` that is not an array")
     wanted = ("#atproto_pds", f"{did}#atproto_pds")
     service = next((s for s in services if isinstance(s, dict) and s.get("id") in wanted), None)
     if service is None:
-        raise IdentityError(f"DID document of {did} has no #atproto_pds service", code="no_pds_service")
+        raise IdentityError(f"DID document of {did} has no #atproto_pds service", code=Code.NO_PDS_SERVICE)
     if service.get("type") != PDS_SERVICE_TYPE:
         raise IdentityError(
-            f"#atproto_pds service of {did} is not of type {PDS_SERVICE_TYPE}", code="no_pds_service"
+            f"#atproto_pds service of {did} is not of type {PDS_SERVICE_TYPE}", code=Code.NO_PDS_SERVICE
         )
     endpoint = service.get("serviceEndpoint")
     normalised = _normalise_endpoint(endpoint) if isinstance(endpoint, str) else None
     if normalised is None:
         raise IdentityError(
-            f"#atproto_pds service of {did} has no acceptable http(s) serviceEndpoint", code="no_pds_service"
+            f"#atproto_pds service of {did} has no acceptable http(s) serviceEndpoint",
+            code=Code.NO_PDS_SERVICE,
         )
     if normalised.startswith("http://") and not allow_http:
         raise BlockedAddress(
             f"PDS of {did} is at {normalised}: http:// is allowed only with allow_private_addresses",
-            code="insecure_url",
+            code=Code.INSECURE_URL,
         )
     return normalised
 

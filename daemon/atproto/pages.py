@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from daemon.atproto.syntax import is_valid_cid, is_valid_did, is_valid_record_key, parse_record_uri
-from daemon.errors import ProtocolViolation, SyntaxValidationError
+from daemon.errors import Code, ProtocolViolation, SyntaxValidationError
 
 MAX_CURSOR_LENGTH = 4096
 
@@ -87,7 +87,7 @@ def parse_list_records_page(body: object, *, did: str, collection: str, page_siz
     if len(records) > page_size:
         raise ProtocolViolation(
             f"listRecords page has {len(records)} records, more than the limit of {page_size}",
-            code="page_too_large",
+            code=Code.PAGE_TOO_LARGE,
         )
 
     # Every well-formed URI for this pair starts with this prefix, so the common case costs one

@@ -23,12 +23,9 @@ import httpx
 
 from daemon import __version__
 from daemon.config import TOKEN_ENV, Config
-from daemon.errors import AdminClientError
+from daemon.errors import AdminClientError, Code
 
 DEFAULT_TIMEOUT = 10.0
-UNREACHABLE = "admin_unreachable"
-TOKEN_MISSING = "admin_token_missing"
-BAD_RESPONSE = "admin_bad_response"
 # Any host name works over a unix socket; this one shows up in the daemon's request logs.
 UNIX_BASE_URL = "http://backfilld"
 
@@ -95,17 +92,17 @@ def read_admin_token(token_file: Path | None, environ: Mapping[str, str] | None 
         raise AdminClientError(
             f"no admin token: ${TOKEN_ENV} is not set and {token_file} does not exist "
             "(the daemon creates it at its first start)",
-            code=TOKEN_MISSING,
+            code=Code.ADMIN_TOKEN_MISSING,
         ) from None
     except PermissionError:
         raise AdminClientError(
             f"cannot read the admin token file {token_file} (permission denied); run as a user who may "
             f"read it (root, under systemd's DynamicUser) or set ${TOKEN_ENV}",
-            code=TOKEN_MISSING,
+            code=Code.ADMIN_TOKEN_MISSING,
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise AdminClientError(
-            f"cannot read the admin token file {token_file} ({exc})", code=TOKEN_MISSING
+            f"cannot read the admin token file {token_file} ({exc})", code=Code.ADMIN_TOKEN_MISSING
         ) from None
     return AdminToken(text or None, str(token_file))
 
@@ -218,12 +215,14 @@ class AdminClient:
             response = self._http.request(method, path, params=params, json=body)
         except httpx.TimeoutException:
             raise AdminClientError(
-                f"the admin API at {where} did not answer within {self._http.timeout.read}s", code=UNREACHABLE
+                f"the admin API at {where} did not answer within {self._http.timeout.read}s",
+                code=Code.ADMIN_UNREACHABLE,
             ) from None
         except httpx.TransportError as exc:
             reason = str(exc) or type(exc).__name__
             raise AdminClientError(
-                f"cannot reach the admin API at {where} ({reason}); is backfilld running?", code=UNREACHABLE
+                f"cannot reach the admin API at {where} ({reason}); is backfilld running?",
+                code=Code.ADMIN_UNREACHABLE,
             ) from None
         try:
             data = response.json()
@@ -234,7 +233,7 @@ class AdminClient:
         if not isinstance(data, dict):
             raise AdminClientError(
                 f"the admin API at {where} answered {path} with something that is not a JSON object",
-                code=BAD_RESPONSE,
+                code=Code.ADMIN_BAD_RESPONSE,
             )
         return data
 

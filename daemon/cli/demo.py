@@ -26,8 +26,8 @@ from typing import Any, TextIO
 import trio
 
 from daemon.cli.client import AdminClient, endpoint_from_url, read_admin_token
-from daemon.cli.main import describe_started, iter_jobs, wait_for_run
 from daemon.cli.progress import ProgressDisplay, plural, run_elapsed
+from daemon.cli.runs import describe_started, iter_jobs, wait_for_run
 from daemon.config import (
     DEFAULT_COLLECTIONS,
     AdminConfig,
@@ -38,7 +38,7 @@ from daemon.config import (
     NetworkConfig,
     RetryConfig,
 )
-from daemon.errors import BackfillError, DemoError
+from daemon.errors import BackfillError, Code, DemoError
 from daemon.process.daemon import Daemon
 from daemon.process.logsetup import configure_logging
 from daemon.simnet import (
@@ -50,7 +50,7 @@ from daemon.simnet import (
     open_network,
 )
 from daemon.simnet import relay_dids as relay_listing
-from daemon.store.sqlite import JOB_STATES
+from daemon.store.models import JOB_STATES
 
 DATABASE_NAME = "backfilld.sqlite3"
 LOG_NAME = "daemon.log"
@@ -144,7 +144,7 @@ async def _serve_and_drive(
     # Failures come back as values: raised inside the nurseries they would arrive wrapped in
     # exception groups, and the CLI reports a BackfillError as one plain line.
     result: Observed | BackfillError = DemoError(
-        f"the demo run did not finish within {DEMO_TIMEOUT:.0f}s", code="demo_timeout"
+        f"the demo run did not finish within {DEMO_TIMEOUT:.0f}s", code=Code.DEMO_TIMEOUT
     )
     async with open_network(spec) as net:
         config = demo_config(
@@ -321,7 +321,7 @@ def run_demo(*, config: Config | None, workdir: Path | None, as_json: bool, out:
         if (workdir / DATABASE_NAME).exists():
             raise DemoError(
                 f"{workdir} already holds a demo database; give an empty or new directory",
-                code="demo_workdir",
+                code=Code.DEMO_WORKDIR,
             )
         workdir.mkdir(parents=True, exist_ok=True)
         return _run_in(spec, workdir, keep=True, as_json=as_json, stream=stream)

@@ -5,18 +5,8 @@ channel, so nothing about pending work lives only in memory. It sleeps until som
 claimable: a new job, a finished job (a worker or a host slot freed), an ack (backpressure lifted), or the
 next ``not_before`` coming due. There is no polling.
 
-Outcomes (SPEC 6.1) are decided here from the exception a handler raises:
-
-- returns normally: ``done``;
-- :class:`PermanentJobError`: ``failed`` at once;
-- :class:`TransientJobError` (or an unexpected exception, as ``internal_error``): retried after
-  full-jitter backoff until ``max_attempts`` tries, then ``failed``;
-- :class:`RateLimited`: back to ``pending`` until the host's resume time, the attempt refunded; at most
-  :data:`MAX_RATE_LIMIT_WAITS` waits for 429s the job itself received (waits for a pause another job's
-  429 caused cost nothing);
-- :class:`JobDeferred` (its host is paused or saturated): back to ``pending`` at no cost, without holding
-  a worker;
-- :class:`JobInterrupted` (shutdown or a cancelled run between pages): pending again, or ``cancelled``.
+A worker runs the job's handler, asks :func:`daemon.engine.outcome.decide` what the result means
+(SPEC 6.1), and applies that outcome with one store write.
 """
 
 from __future__ import annotations
@@ -24,45 +14,23 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
 import trio
 
 from daemon.engine.backoff import RetryPolicy
-from daemon.errors import (
-    INTERNAL_ERROR,
-    RATE_LIMIT_EXHAUSTED,
-    JobError,
-    PermanentJobError,
-    RateLimited,
-    TransientJobError,
-)
+from daemon.engine.context import JobContext
+from daemon.engine.outcome import Finish, Outcome, Reschedule, decide
+from daemon.errors import Code, JobError, JobInterrupted, JobSignal, RateLimited
 from daemon.metrics import Metrics
 from daemon.store.database import Database
-from daemon.store.sqlite import Job
-
-MAX_RATE_LIMIT_WAITS = 20
+from daemon.store.models import Job
 
 log = structlog.get_logger("backfilld.engine")
 
-
-class JobDeferred(Exception):
-    """Raised by a handler whose job cannot proceed now (its host is paused or full); costs no attempt."""
-
-    def __init__(self, *, not_before: float, host: str | None) -> None:
-        super().__init__(f"deferred until {not_before}")
-        self.not_before = not_before
-        self.host = host
-
-
-class JobInterrupted(Exception):
-    """Raised by a handler that stopped between pages because the daemon stops or its run was cancelled."""
-
-
-JobHandler = Callable[[Job, "JobContext"], Awaitable[None]]
+JobHandler = Callable[[Job, JobContext], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,55 +38,6 @@ class EngineSettings:
     workers: int
     max_records_queue: int
     per_host_jobs: int
-
-
-class JobContext:
-    """What a running job may ask of the engine."""
-
-    def __init__(self, engine: Engine, job: Job) -> None:
-        self._engine = engine
-        self.job = job
-        self.host: str | None = None
-
-    def now(self) -> float:
-        """Wall-clock unix time (injected; tests drive it)."""
-        return self._engine.wall_clock()
-
-    @property
-    def interrupted(self) -> bool:
-        """True once the job should stop after its current page (shutdown, or its run was cancelled)."""
-        return self._engine.stopping or self.job.id in self._engine.cancelled_jobs
-
-    def notify_new_work(self) -> None:
-        """Tell the dispatcher the job queued new jobs."""
-        self._engine.notify()
-
-    def check_interrupted(self) -> None:
-        """Raise :class:`JobInterrupted` when the job should stop now (called between pages)."""
-        if self.interrupted:
-            raise JobInterrupted()
-
-    @asynccontextmanager
-    async def host_slot(self, host: str) -> AsyncIterator[None]:
-        """Hold one of ``host``'s job slots; defer the job when the host is paused or saturated."""
-        engine = self._engine
-        paused = engine.paused_until(host)
-        now = self.now()
-        if paused is not None and paused > now:
-            raise JobDeferred(not_before=paused, host=host)
-        if engine.host_jobs.get(host, 0) >= engine.settings.per_host_jobs:
-            raise JobDeferred(not_before=now, host=host)
-        engine.host_jobs[host] = engine.host_jobs.get(host, 0) + 1
-        self.host = host
-        try:
-            yield
-        finally:
-            left = engine.host_jobs[host] - 1
-            if left:
-                engine.host_jobs[host] = left
-            else:
-                del engine.host_jobs[host]
-            engine.notify()
 
 
 class Engine:
@@ -155,6 +74,11 @@ class Engine:
 
     # -- control ------------------------------------------------------------------------------------
 
+    @property
+    def per_host_jobs(self) -> int:
+        """How many jobs may hold one PDS host at once."""
+        return self.settings.per_host_jobs
+
     def notify(self) -> None:
         """Wake the dispatcher: something claimable may have changed."""
         self._wake.set()
@@ -165,6 +89,7 @@ class Engine:
         self.notify()
 
     def paused_until(self, host: str) -> float | None:
+        """The unix time until which ``host`` is paused (a 429), or None."""
         return self._paused_hosts().get(host)
 
     def cancel_run(self, run_id: int) -> int:
@@ -242,13 +167,17 @@ class Engine:
     async def _work(self, receive: trio.MemoryReceiveChannel[Job]) -> None:
         async with receive:
             async for job in receive:
-                if self.stopping:
-                    await self._release(job)
-                    continue
                 self.busy += 1
                 self.metrics.workers_busy.set(self.busy)
                 try:
-                    await self._execute(job)
+                    if self.stopping:
+                        # claimed just before the stop: back to pending as it was
+                        outcome = decide(
+                            job, JobInterrupted(), self.policy, now=self.wall_clock(), run_cancelled=False
+                        )
+                        await self._apply(job, outcome)
+                    else:
+                        await self._execute(job)
                 finally:
                     self.busy -= 1
                     self.metrics.workers_busy.set(self.busy)
@@ -256,130 +185,89 @@ class Engine:
                     self.cancelled_jobs.discard(job.id)
                     self.notify()
 
-    async def _release(self, job: Job) -> None:
-        await self.db.run(
-            self.db.store.reschedule_job,
-            job.id,
-            not_before=job.not_before,
-            now=self.wall_clock(),
-            refund_attempt=True,
-        )
-
     async def _execute(self, job: Job) -> None:
-        handler = self.handlers[job.kind]
         context = JobContext(self, job)
         started = trio.current_time()
-        store = self.db.store
-        scope = trio.CancelScope()
-        self._scopes[job.id] = (job, scope)
-        outcome: tuple[str, str | None, str | None]
         with structlog.contextvars.bound_contextvars(
             job_id=job.id, run_id=job.run_id, kind=job.kind, did=job.did, collection=job.collection
         ):
-            try:
-                try:
-                    with scope:
-                        await handler(job, context)
-                finally:
-                    del self._scopes[job.id]
-                if scope.cancelled_caught:
-                    raise JobInterrupted()
-            except JobDeferred as deferred:
-                await self.db.run(
-                    store.reschedule_job,
-                    job.id,
-                    not_before=deferred.not_before,
-                    now=self.wall_clock(),
-                    refund_attempt=True,
-                    host=deferred.host,
-                )
-                return
-            except JobInterrupted:
-                if job.id in self.cancelled_jobs or (
-                    job.run_id is not None and await self.db.run(store.run_cancelled, job.run_id)
-                ):
-                    outcome = ("cancelled", None, None)
-                else:
-                    await self._release(job)
-                    log.info("job interrupted by shutdown; pending again")
-                    return
-            except RateLimited as exc:
-                self.metrics.job_errors.labels(exc.code).inc()
-                if exc.received and job.rate_limit_waits + 1 > MAX_RATE_LIMIT_WAITS:
-                    outcome = (
-                        "failed",
-                        RATE_LIMIT_EXHAUSTED,
-                        f"rate limited {MAX_RATE_LIMIT_WAITS} times; giving up: {exc.message}",
-                    )
-                else:
-                    await self.db.run(
-                        store.reschedule_job,
-                        job.id,
-                        not_before=exc.resume_at,
-                        now=self.wall_clock(),
-                        refund_attempt=True,
-                        rate_limit_wait=exc.received,
-                        error_code=exc.code,
-                        last_error=exc.message,
-                        host=context.host,
-                    )
-                    log.info("job waits for rate limit", host=exc.host, resume_at=exc.resume_at)
-                    return
-            except PermanentJobError as exc:
-                self.metrics.job_errors.labels(exc.code).inc()
-                outcome = ("failed", exc.code, exc.message)
-            except (TransientJobError, JobError) as exc:
-                self.metrics.job_errors.labels(exc.code).inc()
-                if await self._retry_later(job, exc.code, exc.message):
-                    return
-                outcome = ("failed", exc.code, exc.message)
-            except Exception as exc:
-                log.exception("job handler raised unexpectedly")
-                self.metrics.job_errors.labels(INTERNAL_ERROR).inc()
-                detail = f"{type(exc).__name__}: {exc}"
-                if await self._retry_later(job, INTERNAL_ERROR, detail):
-                    return
-                outcome = ("failed", INTERNAL_ERROR, detail)
-            else:
-                outcome = ("done", None, None)
-            state, code, message = outcome
-            finished = await self.db.run(
-                store.finish_job,
-                job.id,
-                state=state,
-                now=self.wall_clock(),
-                error_code=code,
-                last_error=message,
+            error = await self._run_handler(job, context)
+            run_cancelled = isinstance(error, JobInterrupted) and (
+                job.id in self.cancelled_jobs
+                or (job.run_id is not None and await self.db.run(self.db.store.run_cancelled, job.run_id))
             )
-            elapsed = trio.current_time() - started
-            self.metrics.jobs_finished.labels(job.kind, state).inc()
-            self.metrics.job_duration.labels(job.kind).observe(elapsed)
-            log.info(
-                "job finished",
-                state=state,
-                attempts=job.attempts,
-                pages=finished.pages if finished else None,
-                records=finished.records_enqueued if finished else None,
-                skipped=finished.records_skipped if finished else None,
-                seconds=round(elapsed, 3),
-                error_code=code,
-                error=message,
+            if isinstance(error, JobError | RateLimited):
+                self.metrics.job_errors.labels(error.code).inc()
+            elif error is not None and not isinstance(error, JobSignal):
+                log.error("job handler raised unexpectedly", exc_info=error)
+                self.metrics.job_errors.labels(Code.INTERNAL_ERROR).inc()
+            outcome = decide(
+                job, error, self.policy, now=self.wall_clock(), run_cancelled=run_cancelled, host=context.host
             )
+            await self._apply(job, outcome, elapsed=trio.current_time() - started)
 
-    async def _retry_later(self, job: Job, code: str, message: str) -> bool:
-        if not self.policy.should_retry(job.attempts):
-            return False
-        delay = self.policy.delay(job.attempts)
-        await self.db.run(
-            self.db.store.reschedule_job,
+    async def _run_handler(self, job: Job, context: JobContext) -> BaseException | None:
+        """Run the job's handler; returns what it raised (None when it returned), cancellation included."""
+        scope = trio.CancelScope()
+        self._scopes[job.id] = (job, scope)
+        try:
+            with scope:
+                await self.handlers[job.kind](job, context)
+        except Exception as exc:
+            return exc
+        finally:
+            del self._scopes[job.id]
+        if scope.cancelled_caught:
+            return JobInterrupted("the job's run was cancelled")
+        return None
+
+    async def _apply(self, job: Job, outcome: Outcome, *, elapsed: float = 0.0) -> None:
+        store = self.db.store
+        now = self.wall_clock()
+        if isinstance(outcome, Reschedule):
+            await self.db.run(
+                store.reschedule_job,
+                job.id,
+                not_before=outcome.not_before,
+                now=now,
+                refund_attempt=outcome.refund_attempt,
+                rate_limit_wait=outcome.rate_limit_wait,
+                error_code=outcome.error_code,
+                last_error=outcome.last_error,
+                host=outcome.host,
+            )
+            if outcome.reason == "retry":
+                log.info(
+                    "job will retry",
+                    attempts=job.attempts,
+                    delay=round(outcome.not_before - now, 3),
+                    error_code=outcome.error_code,
+                    error=outcome.last_error,
+                )
+            elif outcome.reason == "rate_limited":
+                log.info("job waits for rate limit", host=outcome.host, resume_at=outcome.not_before)
+            elif outcome.reason == "interrupted":
+                log.info("job interrupted by shutdown; pending again")
+            return
+        assert isinstance(outcome, Finish)
+        finished = await self.db.run(
+            store.finish_job,
             job.id,
-            not_before=self.wall_clock() + delay,
-            now=self.wall_clock(),
-            refund_attempt=False,
-            error_code=code,
-            last_error=message,
+            state=outcome.state,
+            now=now,
+            error_code=outcome.error_code,
+            last_error=outcome.last_error,
         )
+        self.metrics.jobs_finished.labels(job.kind, outcome.state).inc()
+        self.metrics.job_duration.labels(job.kind).observe(elapsed)
         log.info(
-            "job will retry", attempts=job.attempts, delay=round(delay, 3), error_code=code, error=message
+            "job finished",
+            state=outcome.state,
+            attempts=job.attempts,
+            pages=finished.pages if finished else None,
+            records=finished.records_enqueued if finished else None,
+            skipped=finished.records_skipped if finished else None,
+            seconds=round(elapsed, 3),
+            error_code=outcome.error_code,
+            error=outcome.last_error,
         )
-        return True

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import structlog
 
 from daemon.atproto.pages import parse_list_records_page
-from daemon.engine.runner import JobContext
-from daemon.errors import AccountUnavailable, ProtocolViolation, UpstreamHTTPError
+from daemon.engine.context import JobContext
+from daemon.errors import AccountUnavailable, Code, ProtocolViolation, UpstreamHTTPError
 from daemon.jobs.resolver import Resolver
 from daemon.metrics import Metrics
 from daemon.net.fetch import Fetcher, Response, origin_key
 from daemon.store.database import Database
-from daemon.store.sqlite import Job
+from daemon.store.models import Job
 
 LIST_RECORDS = "/xrpc/com.atproto.repo.listRecords"
 
@@ -52,7 +52,7 @@ def account_error(response: Response) -> AccountUnavailable | None:
     if isinstance(name, str) and name in ACCOUNT_ERRORS:
         return AccountUnavailable(f"PDS says {name}: {text[:200]}", code=ACCOUNT_ERRORS[name])
     if name == "InvalidRequest" and "could not find repo" in text.lower():
-        return AccountUnavailable(f"PDS says InvalidRequest: {text[:200]}", code="repo_not_found")
+        return AccountUnavailable(f"PDS says InvalidRequest: {text[:200]}", code=Code.REPO_NOT_FOUND)
     return None
 
 
@@ -107,7 +107,7 @@ class BackfillHandler:
                     log.debug("no such collection on the repo (first-page 404)")
                     return
                 raise ProtocolViolation(
-                    f"listRecords answered 404 after {pages} pages", code="not_found_mid_pagination"
+                    f"listRecords answered 404 after {pages} pages", code=Code.NOT_FOUND_MID_PAGINATION
                 )
             if response.status == 400 and (unavailable := account_error(response)) is not None:
                 raise unavailable
@@ -120,7 +120,7 @@ class BackfillHandler:
             )
             if page.cursor is not None and page.cursor in seen:
                 raise ProtocolViolation(
-                    f"listRecords returned cursor {page.cursor[:100]!r} twice", code="repeated_cursor"
+                    f"listRecords returned cursor {page.cursor[:100]!r} twice", code=Code.REPEATED_CURSOR
                 )
             added = await self._db.run(
                 self._db.store.record_page,
@@ -144,7 +144,7 @@ class BackfillHandler:
             if pages >= settings.max_pages:
                 raise ProtocolViolation(
                     f"more than {settings.max_pages} listRecords pages (max_pages_per_collection)",
-                    code="too_many_pages",
+                    code=Code.TOO_MANY_PAGES,
                 )
             seen.add(page.cursor)
             cursor = page.cursor

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import structlog
 
 from daemon.atproto.pages import parse_list_repos_page
-from daemon.engine.runner import JobContext
-from daemon.errors import JobError, ProtocolViolation, UpstreamHTTPError
+from daemon.engine.context import JobContext
+from daemon.errors import Code, JobError, ProtocolViolation, UpstreamHTTPError
 from daemon.metrics import Metrics
 from daemon.net.fetch import Fetcher
 from daemon.store.database import Database
-from daemon.store.sqlite import Job
+from daemon.store.models import Job
 
 LIST_REPOS = "/xrpc/com.atproto.sync.listReposByCollection"
 
@@ -87,7 +87,7 @@ class DiscoverHandler:
             if page.cursor is not None and page.cursor in seen:
                 raise ProtocolViolation(
                     f"listReposByCollection returned cursor {page.cursor[:100]!r} twice",
-                    code="repeated_cursor",
+                    code=Code.REPEATED_CURSOR,
                 )
             result = await self._db.run(
                 store.record_discovery_page,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import trio
 
 from daemon.atproto.diddoc import DidIdentity, did_document_url, parse_did_document
-from daemon.errors import IdentityError, JobError, ProtocolViolation, UpstreamHTTPError
+from daemon.errors import Code, IdentityError, JobError, ProtocolViolation, UpstreamHTTPError
 from daemon.net.fetch import Fetcher
 from daemon.store.database import Database
 
@@ -96,9 +96,9 @@ class Resolver:
             url, params=None, timeout=settings.timeout, host_class=host_class
         )
         if response.status == 404:
-            raise IdentityError(f"{did} is not known to {url} (404)", code="did_not_found")
+            raise IdentityError(f"{did} is not known to {url} (404)", code=Code.DID_NOT_FOUND)
         if response.status == 410:
-            raise IdentityError(f"{did} is tombstoned (410 from {url})", code="did_tombstoned")
+            raise IdentityError(f"{did} is tombstoned (410 from {url})", code=Code.DID_TOMBSTONED)
         if not 200 <= response.status < 300:
             raise UpstreamHTTPError(
                 f"DID document request {url} answered {response.status}", status=response.status
@@ -107,6 +107,6 @@ class Resolver:
             document = response.json()
         except ProtocolViolation:
             raise IdentityError(
-                f"DID document for {did} is not valid JSON", code="invalid_did_document"
+                f"DID document for {did} is not valid JSON", code=Code.INVALID_DID_DOCUMENT
             ) from None
         return parse_did_document(did, document, allow_http=settings.allow_private_addresses)

@@ -36,9 +36,8 @@ import json
 import re
 import ssl
 import time
-import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -49,14 +48,17 @@ import trio
 
 from daemon.errors import (
     BlockedAddress,
+    Code,
     ProtocolViolation,
     RateLimited,
     UpstreamConnectError,
     UpstreamTimeout,
 )
+from daemon.net.body import read_body
 from daemon.net.guard import AddressResolver, GuardedNetworkBackend
 from daemon.net.hosts import HostLimiter
 from daemon.net.ratelimit import rate_limit_resume_at
+from daemon.net.transport import PoolTransport
 
 # The host classes: "pds" and "didweb" are attacker-controlled, "relay" and "plc" operator-configured.
 # Operator-configured endpoints (SPEC 7): may be http or on loopback, no per-host politeness limits.
@@ -100,100 +102,11 @@ class Response:
         except (ValueError, RecursionError) as exc:
             # ValueError covers JSONDecodeError, UnicodeDecodeError and over-long integers; RecursionError
             # is what absurdly deep nesting produces.
-            raise ProtocolViolation(f"response is not valid JSON: {exc}", code="bad_response") from exc
+            raise ProtocolViolation(f"response is not valid JSON: {exc}", code=Code.BAD_RESPONSE) from exc
 
 
 def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
-
-
-_HTTPCORE_TO_HTTPX: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
-    (httpcore.TimeoutException, httpx.TimeoutException),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-    (httpcore.NetworkError, httpx.NetworkError),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.ProtocolError, httpx.ProtocolError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-    (httpcore.ProxyError, httpx.ProxyError),
-)
-
-
-def _as_httpx_error(exc: Exception) -> Exception:
-    for core_type, httpx_type in _HTTPCORE_TO_HTTPX:
-        if isinstance(exc, core_type):
-            return httpx_type(str(exc) or type(exc).__name__)
-    return exc
-
-
-class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(self, stream: AsyncIterable[bytes]) -> None:
-        self._stream = stream
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._stream:
-                yield chunk
-        except Exception as exc:
-            mapped = _as_httpx_error(exc)
-            if mapped is exc:
-                raise
-            raise mapped from exc
-
-    async def aclose(self) -> None:
-        # Closing an unfinished response makes httpcore drop the connection rather than drain it.
-        aclose = getattr(self._stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-class PoolTransport(httpx.AsyncBaseTransport):
-    """An httpx transport over a given ``httpcore.AsyncConnectionPool``.
-
-    httpx's own ``AsyncHTTPTransport`` builds its pool itself and offers no way to choose the pool's
-    network backend, which is where the SSRF guard lives. Rather than replacing its private ``_pool``
-    attribute, this small transport does the same translation with public httpcore API only.
-    """
-
-    def __init__(self, pool: httpcore.AsyncConnectionPool) -> None:
-        self._pool = pool
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Send ``request`` through the pool; httpcore errors come out as their httpx equivalents."""
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream if isinstance(request.stream, httpx.AsyncByteStream) else None,
-            extensions=request.extensions,
-        )
-        try:
-            core_response = await self._pool.handle_async_request(core_request)
-        except Exception as exc:
-            mapped = _as_httpx_error(exc)
-            if mapped is exc:
-                raise
-            raise mapped from exc
-        stream = core_response.stream
-        if not isinstance(stream, AsyncIterable):  # pragma: no cover - an async pool never does this
-            raise httpx.RemoteProtocolError("synchronous response stream from an async pool")
-        return httpx.Response(
-            status_code=core_response.status,
-            headers=core_response.headers,
-            stream=_ResponseStream(stream),
-            extensions=core_response.extensions,
-        )
-
-    async def aclose(self) -> None:
-        """Close every connection of the pool."""
-        await self._pool.aclose()
 
 
 class _Origin:
@@ -290,11 +203,11 @@ class Fetcher:
         try:
             target = httpx.URL(url)
         except (httpx.InvalidURL, TypeError, ValueError) as exc:
-            raise BlockedAddress(f"not a usable URL: {url!r}", code="insecure_url") from exc
+            raise BlockedAddress(f"not a usable URL: {url!r}", code=Code.INSECURE_URL) from exc
         if target.scheme not in ("http", "https") or not _usable_host(target):
-            raise BlockedAddress(f"not an http(s) URL with a usable host: {url!r}", code="insecure_url")
+            raise BlockedAddress(f"not an http(s) URL with a usable host: {url!r}", code=Code.INSECURE_URL)
         if not trusted and target.scheme != "https" and not self._network.allow_private_addresses:
-            raise BlockedAddress(f"refusing non-https URL {url!r}", code="insecure_url")
+            raise BlockedAddress(f"refusing non-https URL {url!r}", code=Code.INSECURE_URL)
         return target
 
     def _gate(self, origin: str, entry: _Origin) -> AbstractAsyncContextManager[None]:
@@ -373,7 +286,7 @@ class Fetcher:
                     async with http.stream("GET", target, params=params) as response:
                         status = response.status_code
                         self._refuse_status(response, origin, where)
-                        body = await _read_body(response, self._max_response_bytes, where)
+                        body = await read_body(response, self._max_response_bytes, where)
                         return Response(status=status, headers=response.headers, body=body)
                 except httpx.TimeoutException as exc:
                     raise UpstreamTimeout(f"GET {where}: {exc}") from exc
@@ -389,7 +302,7 @@ class Fetcher:
         if 300 <= status < 400:
             location = response.headers.get("location", "")
             raise ProtocolViolation(
-                f"GET {where}: HTTP {status} redirect to {location!r} not followed", code="redirect"
+                f"GET {where}: HTTP {status} redirect to {location!r} not followed", code=Code.REDIRECT
             )
         if status == 429:
             resume_at = rate_limit_resume_at(
@@ -417,7 +330,7 @@ def origin_key(url: str) -> str:
     try:
         return _origin_of(httpx.URL(url))
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
-        raise BlockedAddress(f"not a usable URL: {url!r}", code="insecure_url") from exc
+        raise BlockedAddress(f"not a usable URL: {url!r}", code=Code.INSECURE_URL) from exc
 
 
 def _usable_host(target: httpx.URL) -> bool:
@@ -436,62 +349,3 @@ def _usable_host(target: httpx.URL) -> bool:
 
 def _origin_of(target: httpx.URL) -> str:
     return f"{target.scheme}://{target.netloc.decode('ascii')}"
-
-
-def _too_large(where: str, limit: int) -> ProtocolViolation:
-    return ProtocolViolation(f"GET {where}: response body over {limit} bytes", code="response_too_large")
-
-
-async def _read_body(response: httpx.Response, limit: int, where: str) -> bytes:
-    declared = response.headers.get("content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise _too_large(where, limit)
-    decoder = _decoder(response.headers.get("content-encoding"), where)
-    chunks: list[bytes] = []
-    received = 0
-    size = 0
-    async for chunk in response.aiter_raw():
-        received += len(chunk)
-        if received > limit:
-            raise _too_large(where, limit)
-        data = decoder.feed(chunk, limit - size) if decoder is not None else chunk
-        size += len(data)
-        if size > limit:
-            raise _too_large(where, limit)
-        chunks.append(data)
-    if decoder is not None:
-        decoder.finish()
-    return b"".join(chunks)
-
-
-class _Gunzip:
-    """gzip decoding that never produces more than the remaining byte budget (plus one, to detect excess)."""
-
-    def __init__(self, where: str) -> None:
-        self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        self._where = where
-
-    def feed(self, data: bytes, budget: int) -> bytes:
-        # With the output capped at budget + 1, either the cap is hit (the body is too large, the caller
-        # stops) or all input was consumed: nothing is left behind in unconsumed_tail.
-        if self._inflater.eof:
-            return b""
-        try:
-            return self._inflater.decompress(data, budget + 1)
-        except zlib.error as exc:
-            raise ProtocolViolation(f"GET {self._where}: bad gzip body: {exc}", code="bad_response") from exc
-
-    def finish(self) -> None:
-        if not self._inflater.eof:
-            raise ProtocolViolation(f"GET {self._where}: truncated gzip body", code="bad_response")
-
-
-def _decoder(content_encoding: str | None, where: str) -> _Gunzip | None:
-    encoding = (content_encoding or "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return None
-    if encoding in ("gzip", "x-gzip"):
-        return _Gunzip(where)
-    raise ProtocolViolation(
-        f"GET {where}: unsupported Content-Encoding {content_encoding!r}", code="bad_response"
-    )

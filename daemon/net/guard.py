@@ -27,7 +27,7 @@ from typing import Protocol
 import httpcore
 import trio
 
-from daemon.errors import BlockedAddress
+from daemon.errors import BlockedAddress, Code
 
 # RFC 6052 well-known NAT64 prefix: the last 32 bits are an IPv4 address, and a DNS64 resolver on an
 # IPv6-only host hands these out for every IPv4-only server. Allowed when the embedded address is global,
@@ -101,7 +101,7 @@ def _blocked(host: str, address: str) -> BlockedAddress:
         message = f"refusing to connect to non-global address {address}"
     else:
         message = f"refusing to connect to {host}: it resolves to non-global address {address}"
-    return BlockedAddress(message, code="blocked_address")
+    return BlockedAddress(message, code=Code.BLOCKED_ADDRESS)
 
 
 def _interleave_families(addresses: list[str]) -> list[str]:
@@ -211,7 +211,7 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
         peer = stream.get_extra_info("server_addr")
         address = str(peer[0]) if isinstance(peer, tuple) and peer else None
         if address is None:
-            raise BlockedAddress(f"cannot verify the peer address of {host}", code="blocked_address")
+            raise BlockedAddress(f"cannot verify the peer address of {host}", code=Code.BLOCKED_ADDRESS)
         if not is_global_address(address):
             raise _blocked(host, address)
 
@@ -222,7 +222,7 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         """Unix sockets are never a legitimate destination for an untrusted URL."""
-        raise BlockedAddress(f"refusing to connect to unix socket {path}", code="blocked_address")
+        raise BlockedAddress(f"refusing to connect to unix socket {path}", code=Code.BLOCKED_ADDRESS)
 
     async def sleep(self, seconds: float) -> None:
         """Sleep on trio's clock (httpcore uses this for retry back-off)."""

@@ -1,6 +1,6 @@
 """All of backfilld's SQL, synchronous, on one SQLite connection.
 
-Every method runs in one transaction. The daemon calls them through :class:`daemon.database.Database`,
+Every method runs in one transaction. The daemon calls them through :class:`daemon.store.database.Database`,
 which hops to a worker thread one call at a time, so the connection is never used concurrently and the
 trio loop never blocks on disk. Read-then-write transactions start with ``BEGIN IMMEDIATE`` so that a
 claim or an enqueue cannot interleave with another writer (the admin CLI's ``sqlite3`` shell, a backup).
@@ -9,278 +9,39 @@ Durability: WAL with ``synchronous=NORMAL``. A killed daemon loses nothing that 
 loss can roll back the last transactions, which is safe because every page's records and the job's
 cursor checkpoint commit together, so a rolled-back page is simply fetched again.
 
-Schema versions live in ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades older databases in place.
-
-Tables (the records queue is documented for direct SQLite readers in ``docs/operations.md``): ``runs``, ``run_discovery``,
-``run_dids``, ``jobs``, ``records`` (the records queue), ``did_cache`` (known publishers), ``queue_stats``.
+Schema versions live in ``PRAGMA user_version``; :data:`daemon.store.schema.MIGRATIONS` upgrades older
+databases in place.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import DatabaseLockedError
-
-JOB_STATES = ("pending", "running", "done", "failed", "cancelled")
-ACTIVE_STATES = ("pending", "running")
-
-MIGRATIONS: tuple[str, ...] = (
-    # 1: the first schema.
-    """
-    CREATE TABLE runs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        mode TEXT NOT NULL,
-        collections TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        finished_at REAL,
-        cancelled_at REAL
-    );
-    CREATE TABLE run_discovery (
-        run_id INTEGER NOT NULL REFERENCES runs(id),
-        collection TEXT NOT NULL,
-        pages INTEGER NOT NULL DEFAULT 0,
-        dids INTEGER NOT NULL DEFAULT 0,
-        error TEXT,
-        PRIMARY KEY (run_id, collection)
-    );
-    CREATE TABLE run_dids (
-        run_id INTEGER NOT NULL,
-        did TEXT NOT NULL,
-        PRIMARY KEY (run_id, did)
-    ) WITHOUT ROWID;
-    CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        run_id INTEGER REFERENCES runs(id),
-        kind TEXT NOT NULL,
-        did TEXT,
-        collection TEXT NOT NULL,
-        state TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        not_before REAL NOT NULL,
-        lease_owner TEXT,
-        leased_at REAL,
-        error_code TEXT,
-        last_error TEXT,
-        cursor TEXT,
-        pages INTEGER NOT NULL DEFAULT 0,
-        records_enqueued INTEGER NOT NULL DEFAULT 0,
-        records_skipped INTEGER NOT NULL DEFAULT 0,
-        rate_limit_waits INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE UNIQUE INDEX jobs_one_active_pair ON jobs(did, collection)
-        WHERE kind = 'backfill' AND state IN ('pending', 'running');
-    CREATE INDEX jobs_due ON jobs(state, not_before);
-    CREATE INDEX jobs_by_run ON jobs(run_id, state);
-    CREATE TABLE records (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        did TEXT NOT NULL,
-        collection TEXT NOT NULL,
-        rkey TEXT NOT NULL,
-        operation TEXT NOT NULL,
-        cid TEXT NOT NULL,
-        source TEXT NOT NULL,
-        run_id INTEGER
-    );
-    CREATE UNIQUE INDEX records_once ON records(did, collection, rkey, cid);
-    CREATE TABLE queue_stats (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        depth INTEGER NOT NULL
-    );
-    INSERT INTO queue_stats (id, depth) VALUES (1, 0);
-    CREATE TABLE did_cache (
-        did TEXT PRIMARY KEY,
-        pds TEXT NOT NULL,
-        signing_key TEXT,
-        resolved_at REAL NOT NULL,
-        first_seen_at REAL NOT NULL,
-        last_seen_at REAL NOT NULL
-    );
-    """,
-    # 2: the signing key's id (record verification needs it) and the PDS host a job talks to, so the
-    # dispatcher can skip jobs for paused or saturated hosts without resolving them again.
-    """
-    ALTER TABLE did_cache ADD COLUMN signing_key_id TEXT;
-    ALTER TABLE jobs ADD COLUMN host TEXT;
-    """,
+from daemon.errors import Code, StartupError
+from daemon.store.lock import take_lock
+from daemon.store.models import (
+    JOB_COLUMNS,
+    JOB_STATES,
+    DiscoveryPageResult,
+    DiscoveryProgress,
+    EnqueueResult,
+    Job,
+    Publisher,
+    RecordEntry,
+    Run,
 )
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """One row of ``jobs``."""
-
-    id: int
-    run_id: int | None
-    kind: str
-    did: str | None
-    collection: str
-    state: str
-    attempts: int
-    not_before: float
-    error_code: str | None
-    last_error: str | None
-    cursor: str | None
-    pages: int
-    records_enqueued: int
-    records_skipped: int
-    rate_limit_waits: int
-    host: str | None
-    created_at: float
-    updated_at: float
-
-    def public(self) -> dict[str, Any]:
-        """The job as ``/_admin/jobs`` shows it."""
-        return {
-            "id": self.id,
-            "run_id": self.run_id,
-            "kind": self.kind,
-            "did": self.did,
-            "collection": self.collection,
-            "state": self.state,
-            "attempts": self.attempts,
-            "error_code": self.error_code,
-            "last_error": self.last_error,
-            "records_enqueued": self.records_enqueued,
-            "updated_at": self.updated_at,
-        }
-
-
-_JOB_COLUMNS = (
-    "id, run_id, kind, did, collection, state, attempts, not_before, error_code, last_error, cursor, pages, "
-    "records_enqueued, records_skipped, rate_limit_waits, host, created_at, updated_at"
-)
-
-
-@dataclass(frozen=True, slots=True)
-class RecordEntry:
-    """One record job on the records queue."""
-
-    id: int
-    did: str
-    collection: str
-    rkey: str
-    operation: str
-    cid: str
-    source: str
-    run_id: int | None
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "did": self.did,
-            "collection": self.collection,
-            "rkey": self.rkey,
-            "operation": self.operation,
-            "cid": self.cid,
-            "source": self.source,
-            "run_id": self.run_id,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Publisher:
-    """One row of the DID cache (the seed's ``known_publishers``)."""
-
-    did: str
-    pds: str
-    signing_key: str | None
-    signing_key_id: str | None
-    resolved_at: float
-    first_seen_at: float
-    last_seen_at: float
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "did": self.did,
-            "pds": self.pds,
-            "signing_key": self.signing_key,
-            "signing_key_id": self.signing_key_id,
-            "resolved_at": self.resolved_at,
-            "first_seen_at": self.first_seen_at,
-            "last_seen_at": self.last_seen_at,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class DiscoveryProgress:
-    pages: int
-    dids: int
-    error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Run:
-    """A run and its progress, as ``/_admin/runs/<id>`` shows it."""
-
-    id: int
-    mode: str
-    collections: tuple[str, ...]
-    created_at: float
-    finished_at: float | None
-    cancelled_at: float | None
-    dids: int
-    discovery: dict[str, DiscoveryProgress]
-    jobs: dict[str, int]
-    discovering: bool
-    records_enqueued: int
-
-    @property
-    def state(self) -> str:
-        if self.cancelled_at is not None:
-            return "cancelled"
-        if self.discovering:
-            return "discovering"
-        if self.jobs.get("pending", 0) or self.jobs.get("running", 0):
-            return "running"
-        return "finished"
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "run_id": self.id,
-            "mode": self.mode,
-            "state": self.state,
-            "created_at": self.created_at,
-            "finished_at": self.finished_at,
-            "collections": list(self.collections),
-            "dids": self.dids,
-            "discovery": {
-                nsid: {"pages": d.pages, "dids": d.dids, "error": d.error}
-                for nsid, d in self.discovery.items()
-            },
-            "jobs": self.jobs,
-            "records_enqueued": self.records_enqueued,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class EnqueueResult:
-    enqueued: int
-    already_queued: int
-
-
-@dataclass(frozen=True, slots=True)
-class DiscoveryPageResult:
-    """What one discovery page changed: DIDs new to the run, jobs queued, and whether the DID cap is hit."""
-
-    new_dids: int
-    jobs_enqueued: int
-    cap_reached: bool
+from daemon.store.schema import MIGRATIONS, SCHEMA_VERSION, statements
 
 
 class Store:
-    """The database. Not thread-safe by itself: :class:`daemon.database.Database` serialises calls."""
+    """The database. Not thread-safe by itself: :class:`daemon.store.database.Database` serialises calls."""
 
     def __init__(self, conn: sqlite3.Connection, lock_fd: int | None) -> None:
         self._conn = conn
@@ -290,7 +51,7 @@ class Store:
     def open(cls, path: Path, *, lock: bool = True) -> Store:
         """Open (creating and migrating) the database at ``path``; with ``lock``, take the instance lock."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock_fd = _take_lock(path) if lock else None
+        lock_fd = take_lock(path) if lock else None
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -316,7 +77,7 @@ class Store:
 
     @contextmanager
     def group(self) -> Iterator[None]:
-        """One transaction around several calls (a group commit; see :class:`daemon.database.Database`).
+        """One transaction around several calls (a group commit; see :class:`daemon.store.database.Database`).
 
         Inside it, each method's own transaction is a savepoint: a call that fails rolls back alone, and
         nothing is durable before the group commits.
@@ -361,14 +122,14 @@ class Store:
         """Apply the migrations between the stored ``user_version`` and ``target``, one transaction each."""
         current = self.schema_version()
         if current > SCHEMA_VERSION:
-            raise DatabaseLockedError(
+            raise StartupError(
                 f"database schema version {current} is newer than this backfilld understands "
                 f"({SCHEMA_VERSION}); upgrade backfilld",
-                code="schema_too_new",
+                code=Code.SCHEMA_TOO_NEW,
             )
         for version in range(current, target):
             with self._tx() as conn:
-                for statement in _statements(MIGRATIONS[version]):
+                for statement in statements(MIGRATIONS[version]):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {version + 1}")
 
@@ -600,7 +361,7 @@ class Store:
             rows = conn.execute(
                 f"UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?, leased_at = ?, "
                 f"updated_at = ? WHERE id IN (SELECT id FROM jobs WHERE {' AND '.join(conditions)} "
-                f"ORDER BY not_before, id LIMIT ?) RETURNING {_JOB_COLUMNS}",
+                f"ORDER BY not_before, id LIMIT ?) RETURNING {JOB_COLUMNS}",
                 [owner, now, now, *params, limit],
             ).fetchall()
         return sorted((Job(*r) for r in rows), key=lambda j: (j.not_before, j.id))
@@ -621,7 +382,7 @@ class Store:
         return None if due is None else float(due)
 
     def get_job(self, job_id: int) -> Job | None:
-        row = self._conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else Job(*row)
 
     def finish_job(
@@ -637,7 +398,7 @@ class Store:
         with self._tx() as conn:
             row = conn.execute(
                 "UPDATE jobs SET state = ?, error_code = ?, last_error = ?, lease_owner = NULL, updated_at = ? "
-                f"WHERE id = ? RETURNING {_JOB_COLUMNS}",
+                f"WHERE id = ? RETURNING {JOB_COLUMNS}",
                 (state, error_code, last_error, now, job_id),
             ).fetchone()
             if row is None:
@@ -728,7 +489,7 @@ class Store:
             conditions.append("run_id = ?")
             params.append(run_id)
         rows = self._conn.execute(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {' AND '.join(conditions)} ORDER BY id LIMIT ?",
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE {' AND '.join(conditions)} ORDER BY id LIMIT ?",
             [*params, limit],
         ).fetchall()
         return [Job(*r) for r in rows]
@@ -877,24 +638,3 @@ def _insert_records_sql(rows: int) -> str:
         "INSERT OR IGNORE INTO records (did, collection, rkey, operation, cid, source, run_id) VALUES "
         + ",".join(["(?, ?, ?, 'create', ?, 'backfill', ?)"] * rows)
     )
-
-
-def _statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
-
-
-def _take_lock(path: Path) -> int:
-    lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-        os.close(fd)
-        raise DatabaseLockedError(
-            f"another backfilld is already running on {path} (pid {holder or 'unknown'}, lock {lock_path}); "
-            "stop it first or point this one at a different database"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd

@@ -1,0 +1,70 @@
+"""Reading a response body under a byte cap while it streams, with gzip decoded under the same cap."""
+
+from __future__ import annotations
+
+import zlib
+
+import httpx
+
+from daemon.errors import Code, ProtocolViolation
+
+
+def too_large(where: str, limit: int) -> ProtocolViolation:
+    return ProtocolViolation(f"GET {where}: response body over {limit} bytes", code=Code.RESPONSE_TOO_LARGE)
+
+
+async def read_body(response: httpx.Response, limit: int, where: str) -> bytes:
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise too_large(where, limit)
+    decoder = _decoder(response.headers.get("content-encoding"), where)
+    chunks: list[bytes] = []
+    received = 0
+    size = 0
+    async for chunk in response.aiter_raw():
+        received += len(chunk)
+        if received > limit:
+            raise too_large(where, limit)
+        data = decoder.feed(chunk, limit - size) if decoder is not None else chunk
+        size += len(data)
+        if size > limit:
+            raise too_large(where, limit)
+        chunks.append(data)
+    if decoder is not None:
+        decoder.finish()
+    return b"".join(chunks)
+
+
+class _Gunzip:
+    """gzip decoding that never produces more than the remaining byte budget (plus one, to detect excess)."""
+
+    def __init__(self, where: str) -> None:
+        self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._where = where
+
+    def feed(self, data: bytes, budget: int) -> bytes:
+        # With the output capped at budget + 1, either the cap is hit (the body is too large, the caller
+        # stops) or all input was consumed: nothing is left behind in unconsumed_tail.
+        if self._inflater.eof:
+            return b""
+        try:
+            return self._inflater.decompress(data, budget + 1)
+        except zlib.error as exc:
+            raise ProtocolViolation(
+                f"GET {self._where}: bad gzip body: {exc}", code=Code.BAD_RESPONSE
+            ) from exc
+
+    def finish(self) -> None:
+        if not self._inflater.eof:
+            raise ProtocolViolation(f"GET {self._where}: truncated gzip body", code=Code.BAD_RESPONSE)
+
+
+def _decoder(content_encoding: str | None, where: str) -> _Gunzip | None:
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return _Gunzip(where)
+    raise ProtocolViolation(
+        f"GET {where}: unsupported Content-Encoding {content_encoding!r}", code=Code.BAD_RESPONSE
+    )
