@@ -9,6 +9,8 @@ import pytest
 
 from daemon.store.sqlite import Store
 
+pytest_plugins = ["tests.pgfixture"]
+
 ROOT = Path(__file__).resolve().parents[1]
 INTEROP = Path(__file__).resolve().parent / "interop"
 
