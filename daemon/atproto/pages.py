@@ -1,9 +1,12 @@
-"""Parsers for the pages the relay and PDSes answer with (SPEC 6), already decoded from JSON.
+"""Parsers for the pages the relay and PDSes answer with (SPEC 6).
 
-Pure: they take the decoded body and return a frozen value or raise ProtocolViolation. The caller owns
-everything that spans pages (repeated cursor, page count, the first-page 404 rule).
+Pure: they take the body and return a frozen value or raise ProtocolViolation. The caller owns everything
+that spans pages (repeated cursor, page count, the first-page 404 rule).
 
-``com.atproto.repo.listRecords`` (:func:`parse_list_records_page`):
+``com.atproto.repo.listRecords`` (:func:`parse_list_records_page`) takes the raw body and decodes it with a
+typed msgspec decoder: no Python object is built for anything but the fields it reads, and each record's
+``value`` stays the raw JSON bytes it was (:class:`msgspec.Raw`), so a hostile body costs a bounded multiple
+of its size (the caller reserves that from the memory budget first):
 
 - the body must be an object with a ``records`` array, else ``bad_response``;
 - more than ``page_size`` records is ``page_too_large``: the page is rejected whole, never chunked;
@@ -27,6 +30,9 @@ everything that spans pages (repeated cursor, page count, the first-page 404 rul
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+
+import msgspec
 
 from daemon.atproto.syntax import is_valid_cid, is_valid_did, is_valid_record_key, parse_record_uri
 from daemon.errors import Code, ProtocolViolation, SyntaxValidationError
@@ -43,10 +49,28 @@ SKIP_INVALID_CID = "invalid_cid"
 
 @dataclass(frozen=True, slots=True)
 class RecordRef:
-    """One record of a listRecords page: what a records job needs besides the pair itself."""
+    """One record of a listRecords page: its key, CID and value (raw JSON bytes; None when absent)."""
 
     rkey: str
     cid: str
+    value: bytes | None = None
+
+
+_ABSENT = msgspec.Raw(b"")
+
+
+class _Entry(msgspec.Struct):
+    uri: str
+    cid: str
+    value: msgspec.Raw = _ABSENT
+
+
+class _RecordsBody(msgspec.Struct):
+    records: list[_Entry]
+    cursor: str | None = None
+
+
+_RECORDS_DECODER = msgspec.json.Decoder(_RecordsBody)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,39 +95,34 @@ class ReposPage:
     skipped: int
 
 
-def parse_list_records_page(body: object, *, did: str, collection: str, page_size: int) -> RecordsPage:
-    """Validate a decoded listRecords body for the pair (``did``, ``collection``), both already valid.
+def parse_list_records_page(
+    body: bytes | bytearray, *, did: str, collection: str, page_size: int
+) -> RecordsPage:
+    """Validate a raw listRecords body for the pair (``did``, ``collection``), both already valid.
 
     Raises ProtocolViolation (``bad_response`` or ``page_too_large``) for a page that breaks the protocol.
     """
-    if not isinstance(body, dict):
-        raise ProtocolViolation(f"listRecords body is {_json_type(body)}, not an object")
-    records = body.get("records")
-    if not isinstance(records, list):
+    try:
+        page = _RECORDS_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ProtocolViolation(f"listRecords body does not have the expected shape: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolViolation(f"listRecords body is not valid JSON: {exc}") from None
+    cursor = _checked_cursor(page.cursor, "listRecords")
+    if len(page.records) > page_size:
         raise ProtocolViolation(
-            f"listRecords `records` is {_json_type(records, body, 'records')}, not an array"
-        )
-    cursor = _parse_cursor(body, "listRecords")
-    if len(records) > page_size:
-        raise ProtocolViolation(
-            f"listRecords page has {len(records)} records, more than the limit of {page_size}",
+            f"listRecords page has {len(page.records)} records, more than the limit of {page_size}",
             code=Code.PAGE_TOO_LARGE,
         )
-
     # Every well-formed URI for this pair starts with this prefix, so the common case costs one
     # startswith and one record-key match; only the odd entry goes through the full parser.
-    prefix = f"at://{did}/{collection}/"
+    prefix = _uri_prefix(did, collection)
     prefix_length = len(prefix)
     refs: list[RecordRef] = []
     reasons: list[str] = []
     skipped = 0
-    for index, entry in enumerate(records):
-        if not isinstance(entry, dict):
-            raise ProtocolViolation(f"listRecords record {index} is {_json_type(entry)}, not an object")
-        uri = entry.get("uri")
-        cid = entry.get("cid")
-        if not isinstance(uri, str) or not isinstance(cid, str):
-            raise ProtocolViolation(f"listRecords record {index} lacks a string `uri` and `cid`")
+    for entry in page.records:
+        uri, cid = entry.uri, entry.cid
         reason: str | None = None
         if uri.startswith(prefix):
             rkey = uri[prefix_length:]
@@ -115,12 +134,17 @@ def parse_list_records_page(body: object, *, did: str, collection: str, page_siz
         if reason is None and not is_valid_cid(cid):
             reason = SKIP_INVALID_CID
         if reason is None:
-            refs.append(RecordRef(rkey, cid))
+            refs.append(RecordRef(rkey, cid, bytes(entry.value) if len(entry.value) else None))
         else:
             skipped += 1
             if reason not in reasons:
                 reasons.append(reason)
     return RecordsPage(tuple(refs), cursor, skipped, tuple(reasons))
+
+
+@lru_cache(maxsize=256)
+def _uri_prefix(did: str, collection: str) -> str:
+    return f"at://{did}/{collection}/"
 
 
 def parse_list_repos_page(body: object) -> ReposPage:
@@ -159,10 +183,14 @@ def _foreign_uri_reason(uri: str, did: str) -> str:
 
 def _parse_cursor(body: dict[object, object], what: str) -> str | None:
     cursor = body.get("cursor")
+    if cursor is not None and not isinstance(cursor, str):
+        raise ProtocolViolation(f"{what} `cursor` is {_json_type(cursor)}, not a string")
+    return _checked_cursor(cursor, what)
+
+
+def _checked_cursor(cursor: str | None, what: str) -> str | None:
     if cursor is None:
         return None
-    if not isinstance(cursor, str):
-        raise ProtocolViolation(f"{what} `cursor` is {_json_type(cursor)}, not a string")
     if len(cursor) > MAX_CURSOR_LENGTH:
         raise ProtocolViolation(f"{what} `cursor` is {len(cursor)} characters, over {MAX_CURSOR_LENGTH}")
     return cursor or None
