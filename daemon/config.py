@@ -7,6 +7,7 @@ reading the file. Every problem is collected and reported at once, each naming i
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -19,10 +20,15 @@ from daemon.atproto.syntax import is_valid_nsid
 from daemon.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 CONFIG_ENV = "BACKFILLD_CONFIG"
 TOKEN_ENV = "BACKFILLD_ADMIN_TOKEN"
 PROJECT_URL = "https://github.com/backfilld/backfilld"
 DEFAULT_USER_AGENT = f"backfilld/{__version__} (+{PROJECT_URL})"
+
+SECTIONS = ("daemon", "admin", "atproto", "limits", "retry", "sync", "network")
+# Servers answer URLs over 16 KiB with 431: 100 CIDs of 59 characters is about 6.6 KB of query.
+MAX_GET_BLOCKS_BATCH = 100
 
 DEFAULT_COLLECTIONS = (
     "com.emdashcms.experimental.package.profile",
@@ -34,12 +40,18 @@ DEFAULT_COLLECTIONS = (
 
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
-    database: Path
+    database: Path | str
     workers: int = 16
     shutdown_grace: float = 20.0
     log_format: str = "auto"
     log_level: str = "info"
     max_records_queue: int = 1_000_000
+    lease_timeout: float = 30.0
+
+    @property
+    def postgres(self) -> bool:
+        """Whether the database is a PostgreSQL URL (section 10) rather than a SQLite path."""
+        return isinstance(self.database, str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +89,21 @@ class RetryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncConfig:
+    mode: str = "verified"
+    get_blocks_batch: int = 100
+    max_car_bytes: int = 67_108_864
+    ordered_collections: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class NetworkConfig:
     per_host_concurrency: int = 4
     per_host_rate: float = 8.0
     rate_limit_pause: float = 60.0
     allow_private_addresses: bool = False
     user_agent: str = DEFAULT_USER_AGENT
+    local_address: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +114,7 @@ class Config:
     atproto: AtprotoConfig = field(default_factory=AtprotoConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
@@ -114,14 +136,18 @@ class _Reader:
     def _bad(self, key: str, what: str) -> None:
         self.problems.append(f"{self.section}.{key}: {what}")
 
-    def integer(self, key: str, default: int, *, minimum: int) -> int:
+    def integer(self, key: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
         present, value = self._get(key)
         if not present:
             return default
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self._bad(key, f"must be an integer >= {minimum} (got {value!r})")
+        bad = isinstance(value, bool) or not isinstance(value, int) or value < minimum
+        if not bad and maximum is not None and value > maximum:
+            bad = True
+        if bad:
+            between = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            self._bad(key, f"must be an integer {between} (got {value!r})")
             return default
-        return value
+        return int(value)
 
     def number(self, key: str, default: float, *, minimum: float, exclusive: bool = False) -> float:
         present, value = self._get(key)
@@ -190,6 +216,31 @@ def _listen_address(value: str) -> str | None:
     return None
 
 
+def _ip_address(value: str) -> str | None:
+    if value == "":
+        return None
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return f'must be an IP address of this machine, or "" for the system\'s choice (got {value!r})'
+    return None
+
+
+def _database_value(value: str) -> str | None:
+    if not value.strip():
+        return "must be a file path or a postgresql:// URL"
+    if "://" in value and not value.startswith(POSTGRES_SCHEMES):
+        return f"must be a file path or a postgresql:// URL (got {value.split('://', 1)[0]}://)"
+    return None
+
+
+def _database(base: Path, value: str) -> Path | str:
+    """A SQLite path (resolved against the config's folder), or a PostgreSQL URL kept as it is."""
+    if value.startswith(POSTGRES_SCHEMES):
+        return value
+    return _resolve(base, value)
+
+
 def _resolve(base: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else base / path
@@ -199,7 +250,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path) -> Config:
     """Validate decoded TOML ``data``; relative paths resolve against ``path``'s folder."""
     problems: list[str] = []
     base = path.resolve().parent
-    sections = ("daemon", "admin", "atproto", "limits", "retry", "network")
+    sections = SECTIONS
     for name, value in data.items():
         if name not in sections:
             problems.append(f"{name}: unknown section")
@@ -212,12 +263,13 @@ def parse_config(data: Mapping[str, Any], *, path: Path) -> Config:
 
     d = table("daemon")
     daemon = DaemonConfig(
-        database=_resolve(base, d.string("database", "data/backfilld.sqlite3") or "data/backfilld.sqlite3"),
+        database=_database(base, d.string("database", "data/backfilld.sqlite3", check=_database_value)),
         workers=d.integer("workers", 16, minimum=1),
         shutdown_grace=d.number("shutdown_grace", 20.0, minimum=0.0),
         log_format=d.string("log_format", "auto", check=_one_of("auto", "json", "console")),
         log_level=d.string("log_level", "info", check=_one_of("debug", "info", "warning", "error")),
         max_records_queue=d.integer("max_records_queue", 1_000_000, minimum=1),
+        lease_timeout=d.number("lease_timeout", 30.0, minimum=1.0),
     )
     d.finish()
 
@@ -270,6 +322,15 @@ def parse_config(data: Mapping[str, Any], *, path: Path) -> Config:
     )
     r.finish()
 
+    sy = table("sync")
+    sync = SyncConfig(
+        mode=sy.string("mode", "verified", check=_one_of("verified", "list")),
+        get_blocks_batch=sy.integer("get_blocks_batch", 100, minimum=1, maximum=MAX_GET_BLOCKS_BATCH),
+        max_car_bytes=sy.integer("max_car_bytes", 67_108_864, minimum=1024),
+        ordered_collections=sy.boolean("ordered_collections", True),
+    )
+    sy.finish()
+
     n = table("network")
     network = NetworkConfig(
         per_host_concurrency=n.integer("per_host_concurrency", 4, minimum=1),
@@ -281,6 +342,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path) -> Config:
             DEFAULT_USER_AGENT,
             check=lambda v: None if v.strip() and v.isprintable() else "must be a non-empty printable string",
         ),
+        local_address=n.string("local_address", "", check=_ip_address),
     )
     n.finish()
 
@@ -293,6 +355,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path) -> Config:
         atproto=atproto,
         limits=limits,
         retry=retry,
+        sync=sync,
         network=network,
     )
 

@@ -14,13 +14,17 @@ exception::
     ├── DemoError                     ``backfilld demo`` could not run: demo_timeout, demo_workdir
     ├── RequestValidationError        an admin request body or query that is not acceptable (HTTP 400)
     ├── SyntaxValidationError         a DID, NSID, record key, TID, AT-URI or CID that does not parse
+    ├── StoreError                    the database failed while running (never fatal: the daemon retries):
+    │                                 database_busy (locked past the busy timeout), database_full,
+    │                                 database_io, database_error
     ├── JobError                      something that decides a job's outcome (SPEC 6.1)
     │   ├── PermanentJobError         ``failed`` at once, no retries
     │   │   ├── IdentityError         did_not_found, did_tombstoned, invalid_did_document, no_pds_service,
     │   │   │                         invalid_did, unsupported_did
     │   │   ├── AccountUnavailable    repo_not_found, repo_takendown, repo_suspended, repo_deactivated
     │   │   ├── BlockedAddress        blocked_address (non-global peer), insecure_url (http:// not allowed)
-    │   │   └── LimitExceeded         too_many_pages: a retry would repeat it exactly
+    │   │   └── LimitExceeded         too_many_pages: a retry would repeat it exactly; crash_loop: the job
+    │   │                             was running at MAX_CRASH_RECOVERIES consecutive process deaths
     │   └── TransientJobError         retried with backoff until ``max_attempts``
     │       ├── UpstreamTimeout       timeout
     │       ├── UpstreamConnectError  connect_error
@@ -30,7 +34,9 @@ exception::
     └── JobSignal                     not a failure: the engine puts the job back without judging it
         ├── RateLimited               HTTP 429: the host pauses; the job waits without spending an attempt
         ├── JobDeferred               its host is paused or saturated: back to pending at no cost
-        └── JobInterrupted            shutdown, or its run was cancelled: pending again, or cancelled
+        ├── JobInterrupted            shutdown, or its run was cancelled: pending again, or cancelled
+        └── JobLost                   lease_lost: the job is no longer this daemon's (its run was cancelled,
+                                      or its lease expired and another daemon took it): nothing more is written
 
 Codes that no exception class carries by default (``rate_limit_exhausted`` after too many 429 waits,
 ``internal_error`` for a handler that raised something unexpected) are members of :class:`Code` too, so
@@ -79,6 +85,7 @@ class Code(StrEnum):
     INSECURE_URL = "insecure_url"
     # limits a retry would hit again (permanent)
     TOO_MANY_PAGES = "too_many_pages"
+    CRASH_LOOP = "crash_loop"
     # transport (transient)
     TIMEOUT = "timeout"
     CONNECT_ERROR = "connect_error"
@@ -90,7 +97,13 @@ class Code(StrEnum):
     REPEATED_CURSOR = "repeated_cursor"
     NOT_FOUND_MID_PAGINATION = "not_found_mid_pagination"
     REDIRECT = "redirect"
+    # the database (never a job's outcome: the job is put back)
+    DATABASE_BUSY = "database_busy"
+    DATABASE_FULL = "database_full"
+    DATABASE_IO = "database_io"
+    DATABASE_ERROR = "database_error"
     # job signals and engine decisions
+    LEASE_LOST = "lease_lost"
     RATE_LIMITED = "rate_limited"
     RATE_LIMIT_EXHAUSTED = "rate_limit_exhausted"
     DEFERRED = "deferred"
@@ -152,6 +165,12 @@ class SyntaxValidationError(BackfillError):
     """An AT Protocol identifier failed syntax validation."""
 
     code = Code.INVALID_SYNTAX
+
+
+class StoreError(BackfillError):
+    """The database failed (locked, full, I/O error); the call had no effect and may be retried."""
+
+    code = Code.DATABASE_ERROR
 
 
 class JobError(BackfillError):
@@ -254,3 +273,9 @@ class JobInterrupted(JobSignal):
 
     def __init__(self, message: str = "interrupted") -> None:
         super().__init__(message)
+
+
+class JobLost(JobSignal):
+    """A guarded write found the job no longer running under this lease: stop, write nothing more."""
+
+    code = Code.LEASE_LOST

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.store.sqlite import Store
+from daemon.store.sqlite import SqliteStore as Store
 
 pytest_plugins = ["tests.pgfixture"]
 

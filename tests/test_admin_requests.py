@@ -136,17 +136,24 @@ def test_first_invalid_did_is_named() -> None:
     assert backfill_error(json.dumps({"dids": [D1, "bad1", "bad2"]})) == 'invalid DID in list: "bad1"'
 
 
-def test_collections_restrict_either_mode() -> None:
+def test_collections_restrict_either_mode_in_the_configured_order() -> None:
     only = [COLLECTIONS[2], COLLECTIONS[0]]
-    assert backfill(json.dumps({"collections": only})) == BackfillRequest("discover", (), tuple(only))
+    in_order = (COLLECTIONS[0], COLLECTIONS[2])
+    assert backfill(json.dumps({"collections": only})) == BackfillRequest("discover", (), in_order)
     assert backfill(json.dumps({"dids": [D1], "collections": only})) == BackfillRequest(
-        "explicit", (D1,), tuple(only)
+        "explicit", (D1,), in_order
     )
 
 
 def test_collections_are_deduplicated() -> None:
     raw = json.dumps({"collections": [COLLECTIONS[1], COLLECTIONS[0], COLLECTIONS[1]]})
-    assert backfill(raw).collections == (COLLECTIONS[1], COLLECTIONS[0])
+    assert backfill(raw).collections == (COLLECTIONS[0], COLLECTIONS[1])
+
+
+def test_full_is_a_boolean() -> None:
+    assert backfill(json.dumps({"full": True})).full is True
+    assert backfill(json.dumps({"dids": [D1], "full": False})).full is False
+    assert backfill_error(json.dumps({"full": 1})) == "`full` must be true or false"
 
 
 @pytest.mark.parametrize("value", [None, [], "com.example.a.profile", {}, 5, [5], [None], [["x"]]])

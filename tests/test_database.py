@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from daemon.store.database import Database
-from daemon.store.sqlite import Store
+from daemon.store.sqlite import SqliteStore as Store
 
 
 def _job(store: Store, did: str) -> int:

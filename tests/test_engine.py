@@ -19,7 +19,7 @@ from daemon.errors import AccountUnavailable, JobDeferred, RateLimited, Upstream
 from daemon.metrics import Metrics
 from daemon.store.database import Database
 from daemon.store.models import Job
-from daemon.store.sqlite import Store
+from daemon.store.sqlite import SqliteStore as Store
 
 EPOCH = 1_700_000_000.0
 COLL = "com.example.record"

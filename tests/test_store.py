@@ -7,7 +7,7 @@ import pytest
 
 from daemon.errors import StartupError
 from daemon.store.schema import MIGRATIONS, SCHEMA_VERSION
-from daemon.store.sqlite import Store
+from daemon.store.sqlite import SqliteStore as Store
 
 NOW = 1_700_000_000.0
 DID_A = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"

@@ -36,9 +36,10 @@ INVALID_JSON = "request body must be valid JSON"
 NOT_AN_OBJECT = "request body must be a JSON object"
 DIDS_NOT_ARRAY = "`dids` must be an array of DID strings, or omitted to discover via the relay"
 DIDS_EMPTY = "`dids` must not be empty (omit the field to discover via the relay)"
+FULL_NOT_BOOLEAN = "`full` must be true or false"
 COLLECTIONS_NOT_ARRAY = "`collections` must be a non-empty array of configured collection NSIDs"
 
-_BACKFILL_FIELDS = ("dids", "collections")
+_BACKFILL_FIELDS = ("dids", "collections", "full")
 _RETRY_FIELDS = ("ids", "state", "run_id")
 _ACK_FIELDS = ("through",)
 _JSON_WHITESPACE = " \t\r\n"
@@ -51,6 +52,7 @@ class BackfillRequest:
     mode: Literal["discover", "explicit"]
     dids: tuple[str, ...]
     collections: tuple[str, ...]
+    full: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +100,12 @@ def parse_backfill_request(
     collections = configured_collections
     if "collections" in body:
         collections = _parse_collections(body["collections"], configured_collections)
+    full = body.get("full", False)
+    if not isinstance(full, bool):
+        raise RequestValidationError(FULL_NOT_BOOLEAN)
     if dids is None:
-        return BackfillRequest("discover", (), collections)
-    return BackfillRequest("explicit", dids, collections)
+        return BackfillRequest("discover", (), collections, full)
+    return BackfillRequest("explicit", dids, collections, full)
 
 
 def parse_retry_request(raw: bytes) -> RetryRequest:
@@ -246,7 +251,8 @@ def _parse_collections(value: object, configured: tuple[str, ...]) -> tuple[str,
         if item not in configured:
             raise RequestValidationError(f"collection not configured: {_json(item)}")
         unique.setdefault(item, None)
-    return tuple(unique)
+    # the configured order, which ordered_collections follows (SPEC 6.4)
+    return tuple(c for c in configured if c in unique)
 
 
 def _is_int_in(value: object, minimum: int) -> TypeGuard[int]:

@@ -17,6 +17,9 @@ returned                                       ``Finish("done")``
 :class:`JobDeferred`                           ``Reschedule`` at ``not_before``, attempt refunded
 :class:`JobInterrupted`, run cancelled         ``Finish("cancelled")``
 :class:`JobInterrupted`, shutdown              ``Reschedule`` as it was (attempt refunded)
+:class:`StoreError` (the database failed)       ``Reschedule`` after backoff, attempt refunded (the page
+                                               it was writing rolled back; it is fetched again)
+:class:`JobLost` (cancelled, or taken over)    ``Abandon``: nothing more is written for it
 =============================================  ====================================================
 """
 
@@ -31,8 +34,10 @@ from daemon.errors import (
     JobDeferred,
     JobError,
     JobInterrupted,
+    JobLost,
     PermanentJobError,
     RateLimited,
+    StoreError,
 )
 from daemon.store.models import Job
 
@@ -67,7 +72,14 @@ class Reschedule:
     host: str | None = None
 
 
-Outcome: TypeAlias = Finish | Reschedule
+@dataclass(frozen=True, slots=True)
+class Abandon:
+    """The job is no longer this daemon's (its run was cancelled, or another daemon took it over)."""
+
+    reason: str
+
+
+Outcome: TypeAlias = Finish | Reschedule | Abandon
 
 
 def decide(
@@ -86,6 +98,12 @@ def decide(
     """
     if error is None:
         return Finish("done")
+    if isinstance(error, JobLost):
+        return Abandon(error.message)
+    if isinstance(error, StoreError):
+        return Reschedule(
+            now + policy.delay(1), "database", refund_attempt=True, error_code=error.code, last_error=error.message
+        )
     if isinstance(error, JobDeferred):
         return Reschedule(error.not_before, "deferred", refund_attempt=True, host=error.host)
     if isinstance(error, JobInterrupted):

@@ -3,10 +3,20 @@
 The dispatcher claims only as many jobs as there are idle workers and hands them over a bounded memory
 channel, so nothing about pending work lives only in memory. It sleeps until something can change what is
 claimable: a new job, a finished job (a worker or a host slot freed), an ack (backpressure lifted), or the
-next ``not_before`` coming due. There is no polling.
+next ``not_before`` coming due. There is no polling on SQLite; on PostgreSQL other daemons change the jobs
+too, so the dispatcher also looks every :data:`CLUSTER_POLL` seconds.
 
 A worker runs the job's handler, asks :func:`daemon.engine.outcome.decide` what the result means
-(SPEC 6.1), and applies that outcome with one store write.
+(SPEC 6.1), and applies that outcome with one store write guarded by the job's lease.
+
+The database may fail at any time (locked by an operator's shell, full, an I/O error): nothing here lets a
+:class:`StoreError` out. The dispatcher backs off and claims again; a worker retries its outcome write
+until the database answers (or the daemon stops: a job left running is recovered at the next start);
+``/healthz`` answers 503 meanwhile.
+
+Leases (PostgreSQL, ``lease_timeout`` set): every claim carries a lease that :meth:`Engine._keep_leases`
+renews; a job whose lease could not be renewed is interrupted (another daemon may own it now), and leases
+that expired anywhere in the cluster are recovered, so a dead daemon's jobs run again.
 """
 
 from __future__ import annotations
@@ -22,8 +32,8 @@ import trio
 
 from daemon.engine.backoff import RetryPolicy
 from daemon.engine.context import JobContext
-from daemon.engine.outcome import Finish, Outcome, Reschedule, decide
-from daemon.errors import Code, JobError, JobInterrupted, JobSignal, RateLimited
+from daemon.engine.outcome import Abandon, Finish, Outcome, Reschedule, decide
+from daemon.errors import Code, JobError, JobInterrupted, JobSignal, RateLimited, StoreError
 from daemon.metrics import Metrics
 from daemon.store.database import Database
 from daemon.store.models import Job
@@ -32,12 +42,35 @@ log = structlog.get_logger("backfilld.engine")
 
 JobHandler = Callable[[Job, JobContext], Awaitable[None]]
 
+# How often the dispatcher looks for work that other daemons made claimable (PostgreSQL only).
+CLUSTER_POLL = 1.0
+# Backoff while the database fails: doubling from the first delay up to the cap.
+DATABASE_RETRY_FIRST = 0.1
+DATABASE_RETRY_CAP = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
+    """``lease_timeout`` is None on SQLite (one daemon: running jobs are recovered at start)."""
+
     workers: int
     max_records_queue: int
     per_host_jobs: int
+    lease_timeout: float | None = None
+
+
+class _Backoff:
+    """Exponential waits while the database fails; reset once it answers."""
+
+    def __init__(self) -> None:
+        self._delay = DATABASE_RETRY_FIRST
+
+    async def wait(self) -> None:
+        await trio.sleep(self._delay)
+        self._delay = min(self._delay * 2, DATABASE_RETRY_CAP)
+
+    def reset(self) -> None:
+        self._delay = DATABASE_RETRY_FIRST
 
 
 class Engine:
@@ -53,6 +86,7 @@ class Engine:
         metrics: Metrics,
         wall_clock: Callable[[], float] = time.time,
         paused_hosts: Callable[[], Mapping[str, float]] = dict,
+        owner: str | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
@@ -61,7 +95,7 @@ class Engine:
         self.metrics = metrics
         self.wall_clock = wall_clock
         self._paused_hosts = paused_hosts
-        self.owner = f"{os.uname().nodename}:{os.getpid()}"
+        self.owner = owner or f"{os.uname().nodename}:{os.getpid()}"
         self.stopping = False
         self.host_jobs: dict[str, int] = {}
         self.cancelled_jobs: set[int] = set()
@@ -112,11 +146,12 @@ class Engine:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Recover interrupted jobs, then dispatch and work until :meth:`stop` and the workers drain."""
-        recovered = await self.db.run(self.db.store.recover_interrupted, self.wall_clock())
-        if recovered:
-            log.info("recovered interrupted jobs", count=recovered)
+        if self.settings.lease_timeout is None:
+            await self._recover(expired_only=False)
         self.metrics.workers_total.set(self.settings.workers)
         async with trio.open_nursery() as nursery:
+            if self.settings.lease_timeout is not None:
+                nursery.start_soon(self._keep_leases, self.settings.lease_timeout)
             nursery.start_soon(self._dispatch)
             for _ in range(self.settings.workers):
                 nursery.start_soon(self._work, self._receive.clone())
@@ -125,44 +160,96 @@ class Engine:
             task_status.started()
         self.running = False
 
+    async def _recover(self, *, expired_only: bool) -> None:
+        backoff = _Backoff()
+        while not self.stopping:
+            try:
+                recovered, failed = await self.db.run(
+                    self.db.store.recover_jobs, self.wall_clock(), expired_only=expired_only
+                )
+            except StoreError as exc:
+                log.warning("cannot recover interrupted jobs yet", error_code=exc.code, error=exc.message)
+                await backoff.wait()
+                continue
+            if recovered or failed:
+                log.info("recovered interrupted jobs", count=recovered, crash_loop=failed)
+                self.notify()
+            return
+
     async def _dispatch(self) -> None:
+        backoff = _Backoff()
         async with self._send:
             while not self.stopping:
                 self._wake = trio.Event()
-                if self._idle > 0:
-                    # a host that frees up or resumes meanwhile wakes the loop, so one look per pass will do
-                    excluded = self._excluded_hosts()
-                    jobs = await self.db.run(
-                        self.db.store.claim_jobs,
-                        now=self.wall_clock(),
-                        limit=self._idle,
-                        owner=self.owner,
-                        max_records_queue=self.settings.max_records_queue,
-                        excluded_hosts=excluded,
-                    )
-                    if jobs:
-                        self._idle -= len(jobs)
-                        for job in jobs:
-                            await self._send.send(job)
-                        continue
-                    due = await self.db.run(
-                        self.db.store.next_due,
-                        max_records_queue=self.settings.max_records_queue,
-                        excluded_hosts=excluded,
-                    )
-                    wait = math.inf if due is None else max(0.0, due - self.wall_clock())
-                    wait = min(wait, self._next_unpause())
-                else:
-                    wait = math.inf
+                try:
+                    wait = await self._claim_pass()
+                except StoreError as exc:
+                    log.warning("cannot claim jobs: database failing", error_code=exc.code, error=exc.message)
+                    await backoff.wait()
+                    continue
+                backoff.reset()
+                if self.settings.lease_timeout is not None:
+                    wait = min(wait, CLUSTER_POLL)
                 if wait > 0:
                     with trio.move_on_after(wait):
                         await self._wake.wait()
+
+    async def _claim_pass(self) -> float:
+        """Claim what idle workers can take; returns how long nothing can change without a wake-up."""
+        if self._idle <= 0:
+            return math.inf
+        # a host that frees up or resumes meanwhile wakes the loop, so one look per pass will do
+        excluded = self._excluded_hosts()
+        now = self.wall_clock()
+        lease = self.settings.lease_timeout
+        jobs = await self.db.run(
+            self.db.store.claim_jobs,
+            now=now,
+            limit=self._idle,
+            owner=self.owner,
+            max_records_queue=self.settings.max_records_queue,
+            excluded_hosts=excluded,
+            lease_until=None if lease is None else now + lease,
+        )
+        if jobs:
+            self._idle -= len(jobs)
+            for job in jobs:
+                await self._send.send(job)
+            return 0.0
+        due = await self.db.run(
+            self.db.store.next_due, max_records_queue=self.settings.max_records_queue, excluded_hosts=excluded
+        )
+        wait = math.inf if due is None else max(0.0, due - self.wall_clock())
+        return min(wait, self._next_unpause())
 
     def _next_unpause(self) -> float:
         """Seconds until the earliest paused host resumes (its jobs become claimable without a write)."""
         now = self.wall_clock()
         ahead = [until - now for until in self._paused_hosts().values() if until > now]
         return min(ahead, default=math.inf)
+
+    async def _keep_leases(self, lease_timeout: float) -> None:
+        """Renew this daemon's leases; interrupt jobs whose lease is gone; recover expired ones anywhere."""
+        while True:
+            await trio.sleep(lease_timeout / 3)
+            leases = [job.lease for job, _ in self._scopes.values()]
+            try:
+                held = await self.db.run(
+                    self.db.store.renew_leases,
+                    leases,
+                    owner=self.owner,
+                    until=self.wall_clock() + lease_timeout,
+                )
+            except StoreError as exc:
+                log.warning("cannot renew leases: database failing", error_code=exc.code, error=exc.message)
+                continue
+            for lease in leases:
+                if lease.job_id not in held and lease.job_id in self._scopes:
+                    log.warning("lease lost; interrupting the job", job_id=lease.job_id)
+                    self.cancelled_jobs.add(lease.job_id)
+                    self._scopes[lease.job_id][1].cancel()
+            if not self.stopping:
+                await self._recover(expired_only=True)
 
     async def _work(self, receive: trio.MemoryReceiveChannel[Job]) -> None:
         async with receive:
@@ -192,17 +279,20 @@ class Engine:
             job_id=job.id, run_id=job.run_id, kind=job.kind, did=job.did, collection=job.collection
         ):
             error = await self._run_handler(job, context)
-            run_cancelled = isinstance(error, JobInterrupted) and (
-                job.id in self.cancelled_jobs
-                or (job.run_id is not None and await self.db.run(self.db.store.run_cancelled, job.run_id))
-            )
             if isinstance(error, JobError | RateLimited):
                 self.metrics.job_errors.labels(error.code).inc()
+            elif isinstance(error, StoreError):
+                log.warning("job stopped: database failing", error_code=error.code, error=error.message)
             elif error is not None and not isinstance(error, JobSignal):
                 log.error("job handler raised unexpectedly", exc_info=error)
                 self.metrics.job_errors.labels(Code.INTERNAL_ERROR).inc()
             outcome = decide(
-                job, error, self.policy, now=self.wall_clock(), run_cancelled=run_cancelled, host=context.host
+                job,
+                error,
+                self.policy,
+                now=self.wall_clock(),
+                run_cancelled=job.id in self.cancelled_jobs,
+                host=context.host,
             )
             await self._apply(job, outcome, elapsed=trio.current_time() - started)
 
@@ -222,39 +312,60 @@ class Engine:
         return None
 
     async def _apply(self, job: Job, outcome: Outcome, *, elapsed: float = 0.0) -> None:
-        store = self.db.store
-        now = self.wall_clock()
-        if isinstance(outcome, Reschedule):
-            await self.db.run(
-                store.reschedule_job,
-                job.id,
-                not_before=outcome.not_before,
-                now=now,
-                refund_attempt=outcome.refund_attempt,
-                rate_limit_wait=outcome.rate_limit_wait,
-                error_code=outcome.error_code,
-                last_error=outcome.last_error,
-                host=outcome.host,
-            )
-            if outcome.reason == "retry":
-                log.info(
-                    "job will retry",
-                    attempts=job.attempts,
-                    delay=round(outcome.not_before - now, 3),
-                    error_code=outcome.error_code,
-                    error=outcome.last_error,
-                )
-            elif outcome.reason == "rate_limited":
-                log.info("job waits for rate limit", host=outcome.host, resume_at=outcome.not_before)
-            elif outcome.reason == "interrupted":
-                log.info("job interrupted by shutdown; pending again")
+        """Write the outcome, retrying while the database fails (until the daemon stops)."""
+        if isinstance(outcome, Abandon):
+            log.info("job dropped: no longer ours", reason=outcome.reason)
             return
-        assert isinstance(outcome, Finish)
-        finished = await self.db.run(
-            store.finish_job,
-            job.id,
-            state=outcome.state,
+        backoff = _Backoff()
+        while True:
+            try:
+                if isinstance(outcome, Reschedule):
+                    await self._reschedule(job, outcome)
+                else:
+                    await self._finish(job, outcome, elapsed)
+                return
+            except StoreError as exc:
+                if self.stopping:
+                    log.warning("outcome not written; the job is recovered at the next start", error=exc.message)
+                    return
+                log.warning("cannot write the job's outcome yet", error_code=exc.code, error=exc.message)
+                await backoff.wait()
+            except JobSignal as exc:  # JobLost: cancelled or taken over meanwhile
+                log.info("job dropped: no longer ours", reason=exc.message)
+                return
+
+    async def _reschedule(self, job: Job, outcome: Reschedule) -> None:
+        now = self.wall_clock()
+        await self.db.run(
+            self.db.store.reschedule_job,
+            job.lease,
+            not_before=outcome.not_before,
             now=now,
+            refund_attempt=outcome.refund_attempt,
+            rate_limit_wait=outcome.rate_limit_wait,
+            error_code=outcome.error_code,
+            last_error=outcome.last_error,
+            host=outcome.host,
+        )
+        if outcome.reason == "retry":
+            log.info(
+                "job will retry",
+                attempts=job.attempts,
+                delay=round(outcome.not_before - now, 3),
+                error_code=outcome.error_code,
+                error=outcome.last_error,
+            )
+        elif outcome.reason == "rate_limited":
+            log.info("job waits for rate limit", host=outcome.host, resume_at=outcome.not_before)
+        elif outcome.reason == "interrupted":
+            log.info("job interrupted by shutdown; pending again")
+
+    async def _finish(self, job: Job, outcome: Finish, elapsed: float) -> None:
+        finished = await self.db.run(
+            self.db.store.finish_job,
+            job.lease,
+            state=outcome.state,
+            now=self.wall_clock(),
             error_code=outcome.error_code,
             last_error=outcome.last_error,
         )
@@ -264,9 +375,9 @@ class Engine:
             "job finished",
             state=outcome.state,
             attempts=job.attempts,
-            pages=finished.pages if finished else None,
-            records=finished.records_enqueued if finished else None,
-            skipped=finished.records_skipped if finished else None,
+            pages=finished.pages,
+            records=finished.records_enqueued,
+            skipped=finished.records_skipped,
             seconds=round(elapsed, 3),
             error_code=outcome.error_code,
             error=outcome.last_error,

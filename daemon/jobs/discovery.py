@@ -40,7 +40,16 @@ class DiscoverySettings:
 class DiscoverHandler:
     """Runs ``discover`` jobs."""
 
-    def __init__(self, db: Database, fetcher: Fetcher, settings: DiscoverySettings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        db: Database,
+        fetcher: Fetcher,
+        settings: DiscoverySettings,
+        metrics: Metrics,
+        *,
+        ordered: bool = True,
+    ) -> None:
+        self._ordered = ordered
         self._db = db
         self._fetcher = fetcher
         self._settings = settings
@@ -65,25 +74,25 @@ class DiscoverHandler:
         if pages and cursor is None:
             return  # every page was saved before the process stopped; only the final state was lost
         seen: set[str] = {cursor} if cursor else set()
+        if await self._db.run(store.run_did_count, run_id) >= settings.max_dids:
+            log.info("discovery stopped: the run reached max_discovered_dids", max=settings.max_dids)
+            return
         while True:
             ctx.check_interrupted()
-            if await self._db.run(store.run_did_count, run_id) >= settings.max_dids:
-                log.info("discovery stopped: the run reached max_discovered_dids", max=settings.max_dids)
-                return
             if pages >= settings.max_pages:
                 log.warning("discovery stopped at max_discovery_pages_per_collection", pages=pages)
                 return
             params: dict[str, str | int] = {"collection": job.collection, "limit": settings.page_size}
             if cursor:
                 params["cursor"] = cursor
-            response = await self._fetcher.get_json(
+            async with self._fetcher.request(
                 url, params=params, timeout=settings.timeout, host_class="relay"
-            )
-            if not 200 <= response.status < 300:
-                raise UpstreamHTTPError(
-                    f"listReposByCollection answered HTTP {response.status}", status=response.status
-                )
-            page = parse_list_repos_page(response.json())
+            ) as response:
+                if not 200 <= response.status < 300:
+                    raise UpstreamHTTPError(
+                        f"listReposByCollection answered HTTP {response.status}", status=response.status
+                    )
+                page = parse_list_repos_page(await response.json_budgeted())
             if page.cursor is not None and page.cursor in seen:
                 raise ProtocolViolation(
                     f"listReposByCollection returned cursor {page.cursor[:100]!r} twice",
@@ -91,13 +100,14 @@ class DiscoverHandler:
                 )
             result = await self._db.run(
                 store.record_discovery_page,
-                job_id=job.id,
+                job.lease,
                 run_id=run_id,
                 collection=job.collection,
                 dids=page.dids,
                 cursor=page.cursor,
                 max_dids=settings.max_dids,
                 now=ctx.now(),
+                ordered=self._ordered,
             )
             pages += 1
             self._metrics.discovery_pages.labels(job.collection).inc()

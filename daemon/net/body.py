@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import zlib
-
-import httpx
+from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 
 from daemon.errors import Code, ProtocolViolation
+from daemon.net.budget import BudgetHolder
 
 
 def too_large(where: str, limit: int) -> ProtocolViolation:
+    """The error for a body over its cap."""
     return ProtocolViolation(f"GET {where}: response body over {limit} bytes", code=Code.RESPONSE_TOO_LARGE)
 
 
-async def read_body(response: httpx.Response, limit: int, where: str) -> bytes:
-    declared = response.headers.get("content-length")
+def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case), decoded as Latin-1, or None."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def decoded_chunks(
+    raw: AsyncIterable[bytes], *, headers: Sequence[tuple[bytes, bytes]], limit: int, where: str
+) -> AsyncGenerator[bytes, None]:
+    """The body's chunks, gzip decoded, refused once either the wire bytes or the decoded bytes pass
+    ``limit`` (a declared ``Content-Length`` over it is refused before anything is read)."""
+    declared = header(headers, b"content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
         raise too_large(where, limit)
-    decoder = _decoder(response.headers.get("content-encoding"), where)
-    chunks: list[bytes] = []
-    received = 0
-    size = 0
-    async for chunk in response.aiter_raw():
+    decoder = _decoder(header(headers, b"content-encoding"), where)
+    received = size = 0
+    async for chunk in raw:
         received += len(chunk)
         if received > limit:
             raise too_large(where, limit)
@@ -29,10 +40,26 @@ async def read_body(response: httpx.Response, limit: int, where: str) -> bytes:
         size += len(data)
         if size > limit:
             raise too_large(where, limit)
-        chunks.append(data)
+        if data:
+            yield data
     if decoder is not None:
         decoder.finish()
-    return b"".join(chunks)
+
+
+async def read_body(
+    raw: AsyncIterable[bytes],
+    *,
+    headers: Sequence[tuple[bytes, bytes]],
+    limit: int,
+    where: str,
+    holder: BudgetHolder,
+) -> bytearray:
+    """The whole body, each chunk taken from the memory budget before it is kept."""
+    body = bytearray()
+    async for data in decoded_chunks(raw, headers=headers, limit=limit, where=where):
+        await holder.take(len(data))
+        body += data
+    return body
 
 
 class _Gunzip:

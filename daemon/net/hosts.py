@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
 
 from daemon.errors import RateLimited
-from daemon.net.ratelimit import pacing_interval
+from daemon.net.ratelimit import RateLimitWindow, pacing_interval, rate_limit_window, window_delay
 
 # Forget idle hosts once this many are known, so that a long backfill over many PDSes does not keep an
 # entry per host it ever touched.
@@ -38,8 +38,29 @@ class HostState:
     waiting: int
 
 
+class _Window:
+    """One limit a host announced (``RateLimit-Policy``): its last known state and our requests under it."""
+
+    __slots__ = ("in_flight", "next_start", "window")
+
+    def __init__(self, window: RateLimitWindow) -> None:
+        self.window = window
+        self.in_flight = 0
+        self.next_start = -math.inf
+
+
 class _Host:
-    __slots__ = ("in_flight", "next_start", "pace", "paused_until", "semaphore", "waiting")
+    __slots__ = (
+        "default_policy",
+        "in_flight",
+        "next_start",
+        "pace",
+        "paths",
+        "paused_until",
+        "semaphore",
+        "waiting",
+        "windows",
+    )
 
     def __init__(self, concurrency: int) -> None:
         self.semaphore = trio.Semaphore(concurrency)
@@ -50,6 +71,10 @@ class _Host:
         self.in_flight = 0
         self.waiting = 0
         self.paused_until: float | None = None
+        # the limits the host announced, and which limit each endpoint path answered under
+        self.windows: dict[str, _Window] = {}
+        self.paths: dict[str, str] = {}
+        self.default_policy: str | None = None
 
 
 class HostLimiter:
@@ -79,11 +104,13 @@ class HostLimiter:
         return self._concurrency
 
     @asynccontextmanager
-    async def slot(self, host: str) -> AsyncIterator[None]:
+    async def slot(self, host: str, path: str = "") -> AsyncIterator[None]:
         """Hold one of ``host``'s concurrency slots, paced by its rate, for the body of the ``with``.
 
         Raises :class:`RateLimited` without waiting when the host is paused, and again after the wait if it
-        was paused meanwhile (another worker got a 429), so nothing is sent to a paused host.
+        was paused meanwhile (another worker got a 429), so nothing is sent to a paused host. Requests to
+        ``path`` are also paced by the limit the host said applies to it (``RateLimit-*`` headers), so that
+        limit is never reached.
         """
         self.raise_if_paused(host)
         entry = self._entry(host)
@@ -93,18 +120,54 @@ class HostLimiter:
         finally:
             entry.waiting -= 1
         entry.in_flight += 1
+        policy = entry.paths.get(path, entry.default_policy)
+        window = entry.windows.get(policy) if policy is not None else None
         try:
-            if self._interval:
+            if self._interval or window is not None:
                 async with entry.pace:
                     delay = entry.next_start - trio.current_time()
                     if delay > 0:
                         await trio.sleep(delay)
                     entry.next_start = trio.current_time() + self._interval
+                    if window is not None:
+                        await self._pace_window(host, window)
             self.raise_if_paused(host)
-            yield
+            if window is not None:
+                window.in_flight += 1
+            try:
+                yield
+            finally:
+                if window is not None:
+                    window.in_flight -= 1
         finally:
             entry.in_flight -= 1
             entry.semaphore.release()
+
+    async def _pace_window(self, host: str, window: _Window) -> None:
+        if window.window.remaining - window.in_flight <= 0 and window.window.reset_at > self._now():
+            # Nothing left until the window resets: pause the host rather than hold a worker that long.
+            self.pause(host, window.window.reset_at)
+            self.raise_if_paused(host)
+        spacing = window_delay(window.window, now=self._now(), in_flight=window.in_flight)
+        delay = window.next_start - trio.current_time()
+        if delay > 0:
+            await trio.sleep(delay)
+        window.next_start = trio.current_time() + spacing
+
+    def observe(self, host: str, path: str, headers: Mapping[str, str], *, now: float) -> None:
+        """Learn from a response's ``RateLimit-*`` headers which limit ``path`` is under and what is left."""
+        window = rate_limit_window(headers, now=now)
+        if window is None:
+            return
+        entry = self._entry(host)
+        entry.paths[path] = window.policy
+        if entry.default_policy is None:
+            entry.default_policy = window.policy
+        known = entry.windows.get(window.policy)
+        if known is None:
+            entry.windows[window.policy] = _Window(window)
+        else:
+            known.window = window
 
     def raise_if_paused(self, host: str) -> None:
         """Raise :class:`RateLimited` when ``host`` is paused."""

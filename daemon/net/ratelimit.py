@@ -9,12 +9,20 @@ from __future__ import annotations
 import email.utils
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC
 
 # A RateLimit-Reset value below this is a number of seconds from now rather than a unix time: 1e9 seconds
 # after the epoch is September 2001, long before any AT Protocol server existed, while no server asks for a
 # pause of 31 years.
 _DELTA_SECONDS_BELOW = 1e9
+# The reference PDS rounds RateLimit-Reset (a unix time) down: the window may reset up to a second later.
+RESET_ROUNDING = 1.0
+# A 429 pauses its host for at least this long, whatever the headers say.
+MIN_PAUSE = 1.0
+# Windows with more than this many requests left per second of window need no pacing: the per-host rate
+# and concurrency keep far below them.
+PACING_HEADROOM = 50.0
 
 
 def rate_limit_resume_at(
@@ -24,26 +32,70 @@ def rate_limit_resume_at(
     default_pause: float,
     cap: float = 900.0,
 ) -> float:
-    """Return the unix time at which a host that answered HTTP 429 may be asked again.
+    """Return the unix time at which a host that answered HTTP 429 may be asked again (SPEC 6.1).
 
-    Looks, case-insensitively, at:
+    Looks, case-insensitively, at both:
 
-    1. ``RateLimit-Reset``: the reference PDS sends the unix time (seconds) at which its window resets.
-       The IETF ``RateLimit`` draft sends a number of seconds from now instead; a value below 1e9 is read
-       that way.
-    2. ``Retry-After`` (RFC 9110): a number of seconds from now, or an HTTP date.
+    1. ``RateLimit-Reset``: the reference PDS sends the unix time (seconds) at which its window resets,
+       rounded down, so up to a second early: one second is added to a unix time. The IETF ``RateLimit``
+       draft sends a number of seconds from now instead; a value below 1e9 is read that way.
+    2. ``Retry-After`` (RFC 9110): a number of seconds from now (the reference PDS rounds it up), or an
+       HTTP date.
 
-    The first header that parses wins; a missing or unparsable one (garbage, negative, NaN) is skipped, and
-    with neither usable the host pauses for ``default_pause`` seconds. The answer is clamped to
-    ``[now, now + cap]`` so that a hostile server can neither make the daemon hammer it nor park a host
-    forever. The body of the 429 is not consulted: JSON and HTML (proxy) 429s are treated alike (SPEC 6.1).
+    The pause lasts until the later of the two, and at least one second; a missing or unparsable header
+    (garbage, negative, NaN) is ignored, and with neither usable the host pauses for ``default_pause``
+    seconds. The answer is capped at ``now + cap`` so that a hostile server cannot park a host forever.
+    The body of the 429 is not consulted: JSON and HTML (proxy) 429s are treated alike.
     """
-    resume_at = _rate_limit_reset(_header(headers, "ratelimit-reset"), now)
-    if resume_at is None:
-        resume_at = _retry_after(_header(headers, "retry-after"), now)
-    if resume_at is None:
-        resume_at = now + default_pause
-    return min(max(resume_at, now), now + cap)
+    named = [
+        when
+        for when in (
+            _rate_limit_reset(_header(headers, "ratelimit-reset"), now),
+            _retry_after(_header(headers, "retry-after"), now),
+        )
+        if when is not None
+    ]
+    resume_at = max(named) if named else now + default_pause
+    return min(max(resume_at, now + MIN_PAUSE), now + cap)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitWindow:
+    """What a response's ``RateLimit-*`` headers say of the limit that applies to its endpoint.
+
+    ``policy`` names the limit (``RateLimit-Policy``, e.g. ``3000;w=300``; the reference PDS has a global
+    limit and a separate one for ``getRepo``); ``remaining`` requests are left until ``reset_at`` (unix
+    seconds, already moved a second later for the reference PDS's rounding down).
+    """
+
+    policy: str
+    remaining: int
+    reset_at: float
+
+
+def rate_limit_window(headers: Mapping[str, str], *, now: float) -> RateLimitWindow | None:
+    """The window an ordinary response describes, or None when it sends no usable ``RateLimit-*``."""
+    remaining = _seconds(_header(headers, "ratelimit-remaining") or "")
+    reset_at = _rate_limit_reset(_header(headers, "ratelimit-reset"), now)
+    if remaining is None or reset_at is None:
+        return None
+    policy = (_header(headers, "ratelimit-policy") or _header(headers, "ratelimit-limit") or "").strip()
+    return RateLimitWindow(policy[:100], int(remaining), reset_at)
+
+
+def window_delay(window: RateLimitWindow, *, now: float, in_flight: int) -> float:
+    """Seconds to wait before one more request under ``window`` so that the limit is never reached.
+
+    Requests still in flight are not counted in ``remaining`` yet. The remaining requests are spread
+    evenly over what is left of the window; with none left, wait for the window to reset.
+    """
+    left = window.reset_at - now
+    if left <= 0:
+        return 0.0
+    available = window.remaining - in_flight
+    if available <= 0:
+        return left
+    return 0.0 if available > left * PACING_HEADROOM else left / available
 
 
 def _header(headers: Mapping[str, str], lower_name: str) -> str | None:
@@ -73,7 +125,7 @@ def _rate_limit_reset(value: str | None, now: float) -> float | None:
     seconds = _seconds(value)
     if seconds is None:
         return None
-    return now + seconds if seconds < _DELTA_SECONDS_BELOW else seconds
+    return now + seconds if seconds < _DELTA_SECONDS_BELOW else seconds + RESET_ROUNDING
 
 
 def _retry_after(value: str | None, now: float) -> float | None:

@@ -36,7 +36,7 @@ from daemon.net.guard import AddressResolver
 from daemon.net.hosts import HostLimiter
 from daemon.process.sdnotify import Notifier
 from daemon.store.database import Database
-from daemon.store.sqlite import Store
+from daemon.store.open import open_database
 
 log = structlog.get_logger("backfilld")
 
@@ -59,7 +59,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.admin_token = load_admin_token(config.admin.token_file)
         self.started_monotonic = time.monotonic()
-        self.db = Database(Store.open(config.daemon.database))
+        self.db = open_database(config.daemon.database)
         net, limits = config.network, config.limits
         self.hosts = HostLimiter(
             per_host_concurrency=net.per_host_concurrency, per_host_rate=net.per_host_rate, now=wall_clock
@@ -79,6 +79,7 @@ class Daemon:
             self.fetcher,
             ResolverSettings(
                 plc_directory=config.atproto.plc_directory,
+                relay=config.atproto.relay,
                 ttl=limits.did_cache_ttl,
                 timeout=limits.page_timeout,
                 allow_private_addresses=net.allow_private_addresses,
@@ -97,6 +98,7 @@ class Daemon:
                     max_dids=limits.max_discovered_dids,
                 ),
                 self.metrics,
+                ordered=config.sync.ordered_collections,
             ),
             "backfill": BackfillHandler(
                 self.db,
@@ -116,6 +118,7 @@ class Daemon:
                 workers=config.daemon.workers,
                 max_records_queue=config.daemon.max_records_queue,
                 per_host_jobs=net.per_host_concurrency,
+                lease_timeout=config.daemon.lease_timeout if config.daemon.postgres else None,
             ),
             handlers=handlers,
             policy=RetryPolicy(

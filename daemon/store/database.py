@@ -1,16 +1,20 @@
-"""The one serialised thread to the store: the daemon's only way to reach SQLite.
+"""The one thread hop to the store: how the daemon calls the (blocking) store from trio.
 
-One long-lived thread runs every store call, one at a time, in the order they were made; the calling trio
-task sleeps until its call is done. Compared with ``trio.to_thread.run_sync`` behind a
-``CapacityLimiter(1)``, the next call starts the moment the previous one returns rather than once its
-caller has been rescheduled on the (busy) trio loop and has released the limiter, and no thread is handed
-a job per call. Under load that hand-over, not SQLite, was what serialised the workers.
+:class:`Database` is the interface every backend's hop has: ``await db.run(store.method, ...)`` runs the
+call off the trio thread and returns its result or raises its error, foreign database errors already
+mapped to :class:`~daemon.errors.StoreError` (the edge's one mapping). ``db.failing`` is the last database
+error while the database fails, None once a call succeeds again (``/healthz`` reads it).
 
-Group commit: the calls that queued up while the thread was busy run together in one transaction
-(:meth:`Store.group`), each call's own transaction becoming a savepoint of it, so a call that fails rolls
-back alone. Every caller is answered only after the group has committed, so "returned" still means
-"durable"; if the commit itself fails, every call of the group gets that error. A burst of pages, job
-updates and claims from many workers thus costs one commit instead of one each.
+:class:`SerialDatabase` (SQLite): one long-lived thread runs every store call, one at a time, in the order
+they were made; the calling trio task sleeps until its call is done. Compared with
+``trio.to_thread.run_sync`` behind a ``CapacityLimiter(1)``, the next call starts the moment the previous
+one returns rather than once its caller has been rescheduled on the (busy) trio loop.
+
+Group commit: the calls that queued up while the thread was busy run together in one transaction, each as
+a savepoint, so a call that fails on its own rolls back alone. Every caller is answered only after the
+group has committed, so "returned" still means "durable". If the group's transaction fails as a whole (an
+error that may have ended it, or the COMMIT itself), it is rolled back and its calls run again one by one,
+each in its own transaction, so every caller gets the answer its call would have had alone.
 """
 
 from __future__ import annotations
@@ -23,12 +27,37 @@ from typing import Any, ParamSpec, TypeVar
 import outcome
 import trio
 
-from daemon.store.sqlite import Store
+from daemon.errors import StoreError
+from daemon.store.sqlite import GroupAborted, SqliteStore, translate
+from daemon.store.store import Store
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 _QUEUED, _STARTED, _ABANDONED = 0, 1, 2
+
+
+class Database:
+    """The interface of a store's thread hop (see the module docstring)."""
+
+    store: Store
+
+    def __init__(self) -> None:
+        self.failing: StoreError | None = None
+
+    async def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call ``fn(*args, **kwargs)`` (a bound Store method) off the trio thread."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Finish the queued calls, close the store."""
+        raise NotImplementedError
+
+    def _observe(self, result: outcome.Outcome[Any]) -> None:
+        if isinstance(result, outcome.Error) and isinstance(result.error, StoreError):
+            self.failing = result.error
+        elif self.failing is not None and isinstance(result, outcome.Value):
+            self.failing = None
 
 
 class _Call:
@@ -62,16 +91,18 @@ class _Call:
             return True
 
 
-class Database:
-    """Runs :class:`Store` methods in one dedicated thread, one at a time, group-committed.
+class SerialDatabase(Database):
+    """Runs :class:`SqliteStore` methods in one dedicated thread, one at a time, group-committed.
 
-    SQLite calls block; running them off the trio thread keeps the event loop (admin server, timeouts,
-    other workers) responsive while a transaction commits. A call can be cancelled while it waits for its
-    turn, not once the thread has started it.
+    A call can be cancelled while it waits for its turn, not once the thread has started it.
+    ``groups`` and ``grouped_calls`` count committed groups of two or more calls and the calls in them.
     """
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, store: SqliteStore) -> None:
+        super().__init__()
+        self.store: SqliteStore = store
+        self.groups = 0
+        self.grouped_calls = 0
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -96,15 +127,21 @@ class Database:
             self._thread.start()
         token = trio.lowlevel.current_trio_token()
         task = trio.lowlevel.current_task()
-        call = _Call(
-            fn, lambda result: token.run_sync_soon(trio.lowlevel.reschedule, task, result), alone=alone
-        )
+
+        def deliver(result: outcome.Outcome[Any]) -> None:
+            token.run_sync_soon(self._resume, task, result)
+
+        call = _Call(fn, deliver, alone=alone)
 
         def abort(_: object) -> trio.lowlevel.Abort:
             return trio.lowlevel.Abort.SUCCEEDED if call.abandon() else trio.lowlevel.Abort.FAILED
 
         self._calls.put(call)
         return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _resume(self, task: trio.lowlevel.Task, result: outcome.Outcome[Any]) -> None:
+        self._observe(result)
+        trio.lowlevel.reschedule(task, result)
 
     def _serve(self) -> None:
         while True:
@@ -122,25 +159,48 @@ class Database:
                     if call is None:
                         return
                     if call.start():
-                        call.deliver(outcome.capture(call.fn))
+                        self._run_alone(call)
                 elif call.start():
                     group.append(call)
             self._run_group(group)
 
+    def _run_alone(self, call: _Call) -> None:
+        result = outcome.capture(call.fn)
+        if isinstance(result, outcome.Error):
+            result = outcome.Error(translate(result.error))
+        call.deliver(result)
+
     def _run_group(self, calls: list[_Call]) -> None:
-        if len(calls) == 1:
-            calls[0].deliver(outcome.capture(calls[0].fn))
+        if len(calls) <= 1:
+            for call in calls:
+                self._run_alone(call)
             return
-        if not calls:
+        store = self.store
+        try:
+            store.begin_group()
+        except Exception as exc:
+            # Nothing has run, and alone each call would meet the same lock or failure.
+            store.abort_group()
+            error = translate(exc)
+            for call in calls:
+                call.deliver(outcome.Error(error))
             return
         results: list[outcome.Outcome[Any]] = []
         try:
-            with self.store.group():
-                results = [outcome.capture(call.fn) for call in calls]
-        except Exception as exc:
-            # The group's COMMIT failed: nothing of it is durable, so no call may report success.
             for call in calls:
-                call.deliver(outcome.Error(exc))
+                result = outcome.capture(call.fn)
+                if isinstance(result, outcome.Error) and isinstance(result.error, GroupAborted):
+                    raise result.error
+                results.append(result)
+            store.commit_group()
+        except Exception:
+            store.abort_group()
+            for call in calls:
+                self._run_alone(call)
             return
+        self.groups += 1
+        self.grouped_calls += len(calls)
         for call, result in zip(calls, results, strict=True):
+            if isinstance(result, outcome.Error):
+                result = outcome.Error(translate(result.error))
             call.deliver(result)

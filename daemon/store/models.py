@@ -7,6 +7,19 @@ from typing import Any
 
 JOB_STATES = ("pending", "running", "done", "failed", "cancelled")
 ACTIVE_STATES = ("pending", "running")
+OPERATIONS = ("create", "update", "delete")
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A claim on a running job: every write the job makes names it, and is refused once it is stale.
+
+    ``token`` is the job's fencing token, incremented by every claim: a holder whose job was cancelled, or
+    (PostgreSQL) whose lease expired and was taken over, can no longer write anything for it.
+    """
+
+    job_id: int
+    token: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +44,17 @@ class Job:
     host: str | None
     created_at: float
     updated_at: float
+    lease_token: int = 0
+    crashes: int = 0
+    collection_rank: int = 0
+    listing_pass: int = 0
+    walk_commit: str | None = None
+    full: bool = False
+
+    @property
+    def lease(self) -> Lease:
+        """The lease this claim of the job holds."""
+        return Lease(self.id, self.lease_token)
 
     def public(self) -> dict[str, Any]:
         """The job as ``/_admin/jobs`` shows it."""
@@ -51,34 +75,39 @@ class Job:
 
 JOB_COLUMNS = (
     "id, run_id, kind, did, collection, state, attempts, not_before, error_code, last_error, cursor, pages, "
-    "records_enqueued, records_skipped, rate_limit_waits, host, created_at, updated_at"
+    "records_enqueued, records_skipped, rate_limit_waits, host, created_at, updated_at, lease_token, crashes, "
+    "collection_rank, listing_pass, walk_commit, full_rewrite"
 )
 
 
+def job_from_row(row: tuple[Any, ...]) -> Job:
+    """A :class:`Job` from a row of :data:`JOB_COLUMNS` (booleans come back as integers)."""
+    fields = list(row)
+    fields[-1] = bool(fields[-1])
+    return Job(*fields)
+
+
 @dataclass(frozen=True, slots=True)
-class RecordEntry:
-    """One record job on the records queue."""
+class ListedRecord:
+    """One record as a listing found it: its key, CID and value (atproto JSON text; None if not carried)."""
 
-    id: int
-    did: str
-    collection: str
     rkey: str
-    operation: str
     cid: str
-    source: str
-    run_id: int | None
+    value: str | None
 
-    def public(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "did": self.did,
-            "collection": self.collection,
-            "rkey": self.rkey,
-            "operation": self.operation,
-            "cid": self.cid,
-            "source": self.source,
-            "run_id": self.run_id,
-        }
+
+@dataclass(frozen=True, slots=True)
+class PageResult:
+    """What one page of a listing wrote to the records queue."""
+
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+
+    @property
+    def written(self) -> int:
+        """Records jobs written in all."""
+        return self.created + self.updated + self.deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +123,7 @@ class Publisher:
     last_seen_at: float
 
     def public(self) -> dict[str, Any]:
+        """The publisher as ``/_admin/publishers`` shows it."""
         return {
             "did": self.did,
             "pds": self.pds,
@@ -107,6 +137,8 @@ class Publisher:
 
 @dataclass(frozen=True, slots=True)
 class DiscoveryProgress:
+    """One collection's discovery on a run."""
+
     pages: int
     dids: int
     error: str | None
@@ -122,14 +154,16 @@ class Run:
     created_at: float
     finished_at: float | None
     cancelled_at: float | None
+    full: bool
     dids: int
     discovery: dict[str, DiscoveryProgress]
     jobs: dict[str, int]
     discovering: bool
-    records_enqueued: int
+    operations: dict[str, int]
 
     @property
     def state(self) -> str:
+        """discovering, running, finished or cancelled (SPEC 5)."""
         if self.cancelled_at is not None:
             return "cancelled"
         if self.discovering:
@@ -138,7 +172,13 @@ class Run:
             return "running"
         return "finished"
 
+    @property
+    def replay_from_us(self) -> int:
+        """The run's creation time in unix microseconds: where a live stream must start to miss nothing."""
+        return int(self.created_at * 1_000_000)
+
     def public(self) -> dict[str, Any]:
+        """The run as ``/_admin/runs/<id>`` shows it."""
         return {
             "run_id": self.id,
             "mode": self.mode,
@@ -152,12 +192,16 @@ class Run:
                 for nsid, d in self.discovery.items()
             },
             "jobs": self.jobs,
-            "records_enqueued": self.records_enqueued,
+            "records_enqueued": sum(self.operations.values()),
+            "operations": self.operations,
+            "replay_from_us": self.replay_from_us,
         }
 
 
 @dataclass(frozen=True, slots=True)
 class EnqueueResult:
+    """Pairs queued by a request, and pairs that already had a pending or running job."""
+
     enqueued: int
     already_queued: int
 
@@ -169,3 +213,12 @@ class DiscoveryPageResult:
     new_dids: int
     jobs_enqueued: int
     cap_reached: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunCommit:
+    """The signed commit verified for an account in a run (verified mode: one fetch and check per run)."""
+
+    commit_cid: str
+    data_cid: str
+    rev: str

@@ -87,9 +87,59 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE did_cache ADD COLUMN signing_key_id TEXT;
     ALTER TABLE jobs ADD COLUMN host TEXT;
     """,
+    # 3: verified records, reconcile, leases.
+    # - records carry the value (atproto JSON text), the commit's rev and whether it was proven; the same
+    #   (did, collection, rkey, cid) may now legitimately appear twice (created, deleted, created again).
+    # - the delivered set per pair (SPEC 6.4), keyed by a small pair id; ``gen`` stamps the listing pass
+    #   that last saw the record (job id << 20 | listing pass), so deletes are what a complete pass missed.
+    # - jobs: a fencing token per claim and a lease expiry (PostgreSQL), consecutive crash recoveries, the
+    #   collection's rank for ordered_collections, the listing pass and the commit a walk belongs to, and
+    #   the run's "full" flag; operation counters per job make the run's "operations".
+    # - one verified commit per account per run (verified mode).
+    """
+    ALTER TABLE runs ADD COLUMN full_rewrite INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN lease_token INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN lease_expires_at REAL;
+    ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN collection_rank INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN listing_pass INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN walk_commit TEXT;
+    ALTER TABLE jobs ADD COLUMN full_rewrite INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN ops_create INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN ops_update INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN ops_delete INTEGER NOT NULL DEFAULT 0;
+    UPDATE jobs SET ops_create = records_enqueued;
+    CREATE INDEX jobs_ordered ON jobs(run_id, did, collection_rank) WHERE kind = 'backfill';
+    ALTER TABLE records ADD COLUMN record TEXT;
+    ALTER TABLE records ADD COLUMN rev TEXT;
+    ALTER TABLE records ADD COLUMN verified INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX records_once;
+    CREATE TABLE pairs (
+        id INTEGER PRIMARY KEY,
+        did TEXT NOT NULL,
+        collection TEXT NOT NULL,
+        UNIQUE (did, collection)
+    );
+    CREATE TABLE delivered (
+        pair_id INTEGER NOT NULL,
+        rkey TEXT NOT NULL,
+        cid TEXT NOT NULL,
+        gen INTEGER NOT NULL,
+        PRIMARY KEY (pair_id, rkey)
+    ) WITHOUT ROWID;
+    CREATE TABLE run_commits (
+        run_id INTEGER NOT NULL,
+        did TEXT NOT NULL,
+        commit_cid TEXT NOT NULL,
+        data_cid TEXT NOT NULL,
+        rev TEXT NOT NULL,
+        PRIMARY KEY (run_id, did)
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def statements(script: str) -> list[str]:
+    """The statements of a migration script (no statement holds a semicolon of its own)."""
     return [s.strip() for s in script.split(";") if s.strip()]

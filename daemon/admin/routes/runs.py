@@ -27,6 +27,8 @@ def register(app: QuartTrio, host: AdminHost) -> None:
             collections=req.collections,
             dids=req.dids,
             now=host.wall_clock(),
+            full=req.full,
+            ordered=host.config.sync.ordered_collections,
         )
         host.engine.notify()
         response = jsonify(
