@@ -1,4 +1,4 @@
-"""Shared fixtures: a fresh store per test, and the vendored interop vectors' location."""
+"""Shared fixtures: a fresh store per test on every backend, and the vendored interop vectors' location."""
 
 from __future__ import annotations
 
@@ -7,16 +7,29 @@ from pathlib import Path
 
 import pytest
 
-from daemon.store.sqlite import SqliteStore as Store
+from daemon.store.sqlite import SqliteStore
+from daemon.store.store import Store
 
 pytest_plugins = ["tests.pgfixture"]
 
 ROOT = Path(__file__).resolve().parents[1]
 INTEROP = Path(__file__).resolve().parent / "interop"
 
+# Every backend the conformance suites run against.
+BACKENDS = ["sqlite"]
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh, migrated store of each backend."""
+    opened = SqliteStore.open(tmp_path / "db.sqlite3")
+    yield opened
+    opened.close()
+
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "db.sqlite3")
-    yield s
-    s.close()
+def sqlite_store(tmp_path: Path) -> Iterator[SqliteStore]:
+    """A fresh SQLite store (for tests of SQLite itself)."""
+    opened = SqliteStore.open(tmp_path / "db.sqlite3")
+    yield opened
+    opened.close()

@@ -1,27 +1,75 @@
-"""The store's thread: ordering, group commit with per-call savepoints, cancellation while queued."""
+"""The SQLite thread hop: ordering, group commit, and real SQLite failures inside and around a group.
+
+The faults are real: ``PRAGMA max_page_count`` makes the disk "full" (SQLITE_FULL), a deferred foreign
+key makes a COMMIT fail and leave the transaction open, a second connection holds the write lock
+(SQLITE_BUSY after the busy timeout), and a unique index refuses a row.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
-from daemon.store.database import Database
-from daemon.store.sqlite import SqliteStore as Store
+from daemon.errors import StoreError
+from daemon.store.database import SerialDatabase
+from daemon.store.sqlite import SqliteStore
+
+NOW = 1_700_000_000.0
 
 
-def _job(store: Store, did: str) -> int:
-    run_id, _ = store.create_run(mode="explicit", collections=["com.example.a"], dids=[did], now=1.0)
-    (job,) = store.list_jobs(run_id=run_id)
-    return job.id
+@asynccontextmanager
+async def database(path: Path, **kw: Any) -> AsyncIterator[SerialDatabase]:
+    db = SerialDatabase(SqliteStore.open(path, **kw))
+    try:
+        yield db
+    finally:
+        await db.aclose()
+
+
+def execute(store: SqliteStore, sql: str, params: tuple[Any, ...] = ()) -> int:
+    """A store call that writes ``sql`` in its own transaction (a savepoint inside a group)."""
+    with store._tx() as conn:
+        return conn.execute(sql, params).rowcount
+
+
+def count(path: Path, table: str) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def grouped(db: SerialDatabase, calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``calls`` while the thread is held, so they queue up and form one group; results or errors."""
+    gate = threading.Event()
+    results: list[Any] = [None] * len(calls)
+
+    async def one(index: int, fn: Callable[[], Any]) -> None:
+        try:
+            results[index] = await db.run(fn)
+        except Exception as exc:
+            results[index] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.run, gate.wait)
+        await trio.sleep(0.05)
+        for index, fn in enumerate(calls):
+            nursery.start_soon(one, index, fn)
+            await trio.sleep(0.01)
+        gate.set()
+    return results
 
 
 async def test_calls_return_their_results_and_errors(tmp_path: Path) -> None:
-    db = Database(Store.open(tmp_path / "db.sqlite3"))
-    try:
+    async with database(tmp_path / "db.sqlite3") as db:
         assert await db.run(db.store.ping) is True
 
         def boom() -> None:
@@ -30,62 +78,107 @@ async def test_calls_return_their_results_and_errors(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="boom"):
             await db.run(boom)
         assert await db.run(db.store.queue_depth) == 0
-    finally:
-        await db.aclose()
 
 
-async def test_a_group_commits_every_call_and_a_failing_call_rolls_back_alone(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "db.sqlite3")
-    db = Database(store)
-    job_id = _job(store, "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa")
-    gate = threading.Event()
-    kw = {"run_id": 1, "did": "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "collection": "com.example.a", "skipped": 0}
-    results: dict[str, object] = {}
+async def test_queued_calls_form_one_group_and_a_failing_call_rolls_back_alone(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    async with database(path) as db:
+        store = db.store
+        execute(store, "CREATE TABLE t (k TEXT PRIMARY KEY)")
+        results = await grouped(
+            db,
+            [
+                lambda: execute(store, "INSERT INTO t VALUES ('a')"),
+                lambda: execute(store, "INSERT INTO t VALUES ('a')"),  # unique violation
+                lambda: execute(store, "INSERT INTO t VALUES ('b')"),
+            ],
+        )
+        assert results[0] == 1 and results[2] == 1
+        assert isinstance(results[1], StoreError) and "UNIQUE" in results[1].message
+        assert (db.groups, db.grouped_calls) == (1, 3)  # one transaction for the three calls
+        assert count(path, "t") == 2
 
-    def failing_write() -> None:
-        with store._tx() as conn:
-            conn.execute("UPDATE queue_stats SET depth = 999 WHERE id = 1")
-            raise sqlite3.IntegrityError("refused")
 
-    async def call(name: str, fn: object, *args: object, **kwargs: object) -> None:
+async def test_a_full_disk_inside_a_group_reruns_the_other_calls_alone(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    async with database(path) as db:
+        store = db.store
+        execute(store, "CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)")
+        execute(store, "INSERT INTO t VALUES ('a', 'x'), ('b', 'x')")
+        with store._read() as conn:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+        results = await grouped(
+            db,
+            [
+                lambda: execute(store, "UPDATE t SET v = 'y' WHERE k = 'a'"),
+                lambda: execute(store, "INSERT INTO t VALUES ('big', ?)", ("z" * 1_000_000,)),
+                lambda: execute(store, "UPDATE t SET v = 'y' WHERE k = 'b'"),
+            ],
+        )
+        assert results[0] == 1 and results[2] == 1
+        assert isinstance(results[1], StoreError) and results[1].code == "database_full"
+        assert db.groups == 0  # the group was abandoned and its calls ran one by one
+        with store._read() as conn:
+            assert not conn.in_transaction
+        conn = sqlite3.connect(path)
+        assert conn.execute("SELECT k, v FROM t ORDER BY k").fetchall() == [("a", "y"), ("b", "y")]
+        conn.close()
+        assert db.failing is None  # the last call succeeded: the database answers again
+
+
+async def test_a_failed_commit_is_rolled_back_and_later_calls_commit(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    async with database(path) as db:
+        store = db.store
+        execute(store, "CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        execute(
+            store,
+            "CREATE TABLE child (pid INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)",
+        )
+        execute(store, "CREATE TABLE t (k TEXT)")
+        results = await grouped(
+            db,
+            [
+                lambda: execute(store, "INSERT INTO t VALUES ('a')"),
+                lambda: execute(store, "INSERT INTO child VALUES (999)"),  # only COMMIT notices
+                lambda: execute(store, "INSERT INTO t VALUES ('b')"),
+            ],
+        )
+        assert results[0] == 1 and results[2] == 1
+        assert isinstance(results[1], StoreError) and "FOREIGN KEY" in results[1].message
+        with store._read() as conn:
+            assert not conn.in_transaction
+        assert await db.run(execute, store, "INSERT INTO t VALUES ('c')") == 1
+        assert count(path, "t") == 3 and count(path, "child") == 0
+
+
+async def test_a_held_write_lock_fails_calls_cleanly_until_released(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    async with database(path, busy_timeout=0.2) as db:
+        store = db.store
+        execute(store, "CREATE TABLE t (k TEXT)")
+        shell = sqlite3.connect(path, isolation_level=None)
+        shell.execute("BEGIN IMMEDIATE")
         try:
-            results[name] = await db.run(fn, *args, **kwargs)  # type: ignore[arg-type]
-        except sqlite3.Error as exc:
-            results[name] = exc
-
-    try:
-        async with trio.open_nursery() as nursery:
-            # Hold the thread so that the next calls queue up and run as one group.
-            nursery.start_soon(call, "hold", gate.wait)
-            await trio.sleep(0.05)
-            nursery.start_soon(
-                lambda: call(
-                    "p1", store.record_page, job_id=job_id, records=[("a", "c1")], cursor="x", now=2.0, **kw
-                )
-            )
-            await trio.sleep(0.01)
-            nursery.start_soon(call, "bad", failing_write)
-            await trio.sleep(0.01)
-            nursery.start_soon(
-                lambda: call(
-                    "p2", store.record_page, job_id=job_id, records=[("b", "c2")], cursor=None, now=3.0, **kw
-                )
-            )
-            await trio.sleep(0.05)
-            gate.set()
-        assert results["p1"] == 1 and results["p2"] == 1
-        assert isinstance(results["bad"], sqlite3.IntegrityError)
-        assert store.queue_depth() == 2
-        assert [(r.rkey, r.cid) for r in store.list_records(after=0, limit=10)] == [("a", "c1"), ("b", "c2")]
-    finally:
-        await db.aclose()
+            with pytest.raises(StoreError) as caught:
+                await db.run(execute, store, "INSERT INTO t VALUES ('a')")
+            assert caught.value.code == "database_busy"
+            assert db.failing is not None and db.failing.code == "database_busy"
+            results = await grouped(db, [lambda: execute(store, "INSERT INTO t VALUES ('b')")] * 2)
+            assert all(isinstance(r, StoreError) and r.code == "database_busy" for r in results)
+        finally:
+            shell.execute("ROLLBACK")
+            shell.close()
+        assert await db.run(execute, store, "INSERT INTO t VALUES ('c')") == 1
+        assert db.failing is None
+        assert count(path, "t") == 1
 
 
 async def test_a_queued_call_can_be_cancelled_and_never_runs(tmp_path: Path) -> None:
-    db = Database(Store.open(tmp_path / "db.sqlite3"))
-    gate = threading.Event()
-    ran: list[str] = []
-    try:
+    async with database(tmp_path / "db.sqlite3") as db:
+        gate = threading.Event()
+        ran: list[str] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(db.run, gate.wait)
             await trio.sleep(0.05)
@@ -95,29 +188,3 @@ async def test_a_queued_call_can_be_cancelled_and_never_runs(tmp_path: Path) -> 
             gate.set()
         assert await db.run(db.store.ping)
         assert ran == []
-    finally:
-        await db.aclose()
-
-
-async def test_records_json_matches_the_public_form(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "db.sqlite3")
-    job_id = _job(store, "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa")
-    store.record_page(
-        job_id=job_id,
-        run_id=1,
-        did="did:plc:aaaaaaaaaaaaaaaaaaaaaaaa",
-        collection="com.example.a",
-        records=[(f"k{i}", f"c{i}") for i in range(1500)],
-        cursor=None,
-        skipped=0,
-        now=2.0,
-    )
-    import json
-
-    text, last = store.list_records_json(after=0, limit=1000)
-    entries = store.list_records(after=0, limit=1000)
-    assert json.loads(text) == [e.public() for e in entries]
-    assert last == entries[-1].id
-    assert store.list_records_json(after=10_000, limit=10) == ("[]", None)
-    assert store.queue_depth() == 1500
-    store.close()

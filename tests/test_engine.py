@@ -1,13 +1,22 @@
-"""Engine tests with a test job handler, on trio's MockClock (autojump) so backoff costs no real time."""
+"""Engine tests with a test job handler, on trio's MockClock (autojump) so backoff costs no real time.
+
+Every test runs twice: with the store called inline on the trio thread, and through the real thread hop
+(:class:`SerialDatabase`); there the clock jumps only after a real pause (:data:`THREAD_AUTOJUMP`), since a
+task waiting for SQLite's thread looks idle to trio.
+"""
 
 from __future__ import annotations
 
 import itertools
 import random
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import outcome
+import pytest
 import trio
 import trio.testing
 
@@ -17,11 +26,13 @@ from daemon.engine.outcome import MAX_RATE_LIMIT_WAITS
 from daemon.engine.runner import Engine, EngineSettings
 from daemon.errors import AccountUnavailable, JobDeferred, RateLimited, UpstreamTimeout
 from daemon.metrics import Metrics
-from daemon.store.database import Database
-from daemon.store.models import Job
+from daemon.store.database import Database, SerialDatabase
+from daemon.store.models import Job, ListedRecord
 from daemon.store.sqlite import SqliteStore as Store
+from daemon.store.sqlite import translate
 
 EPOCH = 1_700_000_000.0
+THREAD_AUTOJUMP = 0.2
 COLL = "com.example.record"
 
 
@@ -34,14 +45,28 @@ def dids(n: int) -> list[str]:
 
 
 class InlineDatabase(Database):
-    """Runs store calls on the trio thread, so MockClock's autojump never fires while SQLite works.
+    """Runs store calls on the trio thread, so MockClock's autojump never fires while SQLite works."""
 
-    (With the real thread hop, a task waiting on a thread counts as blocked and virtual time jumps ahead.)
-    """
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self.store = store
 
     async def run(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
         await trio.lowlevel.checkpoint()
-        return fn(*args, **kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            error = translate(exc)
+            self._observe(outcome.Error(error))
+            raise error from None
+        self._observe(outcome.Value(result))
+        return result
+
+    async def aclose(self) -> None:
+        self.store.close()
+
+
+pytestmark = pytest.mark.parametrize("hop", ["inline", "thread"])
 
 
 Handler = Callable[[Job, JobContext], Awaitable[None]]
@@ -58,12 +83,24 @@ async def running_engine(
     per_host_jobs: int = 4,
     paused: dict[str, float] | None = None,
     seed: int = 7,
+    hop: str = "inline",
+    lease_timeout: float | None = None,
+    store: Store | None = None,
 ) -> AsyncIterator[Engine]:
-    db = InlineDatabase(Store.open(tmp_path / "db.sqlite3"))
+    opened = store or Store.open(tmp_path / "db.sqlite3")
+    db: Database = InlineDatabase(opened) if hop == "inline" else SerialDatabase(opened)
+    clock = trio.lowlevel.current_clock()
+    if hop == "thread" and isinstance(clock, trio.testing.MockClock):
+        # A task waiting for the store's thread looks idle to trio: jump only after a real pause, so
+        # virtual time does not run ahead of SQLite's work (it would only make waits end sooner).
+        clock.autojump_threshold = THREAD_AUTOJUMP
     engine = Engine(
         db,
         settings=EngineSettings(
-            workers=workers, max_records_queue=max_records_queue, per_host_jobs=per_host_jobs
+            workers=workers,
+            max_records_queue=max_records_queue,
+            per_host_jobs=per_host_jobs,
+            lease_timeout=lease_timeout,
         ),
         handlers={"backfill": handler, "discover": handler},
         policy=RetryPolicy(max_attempts=max_attempts, base=5.0, cap=300.0, rng=random.Random(seed)),
@@ -89,24 +126,43 @@ async def enqueue(engine: Engine, n: int = 1) -> int:
 
 
 async def wait_for(engine: Engine, predicate: Callable[[list[Job]], bool]) -> list[Job]:
+    # Long virtual sleeps between looks: with the thread hop, each jump of the clock costs real time.
     while True:
         jobs = await engine.db.run(engine.db.store.list_jobs, limit=1000)
         if predicate(jobs):
             return jobs
-        await trio.sleep(1)
+        await trio.sleep(30)
+
+
+async def write_page(ctx: JobContext, job: Job, n: int, *, cursor: str | None = None) -> None:
+    """What a real handler does per page: write records under the job's lease."""
+    db = ctx._engine.db  # type: ignore[attr-defined]
+    await db.run(
+        db.store.apply_page,
+        job.lease,
+        did=job.did or "",
+        collection=job.collection,
+        records=[ListedRecord(f"r{i}", f"c{i}", "{}") for i in range(n)],
+        cursor=cursor,
+        skipped=0,
+        complete=cursor is None,
+        now=ctx.now(),
+    )
 
 
 def all_final(jobs: list[Job]) -> bool:
     return bool(jobs) and all(j.state in ("done", "failed", "cancelled") for j in jobs)
 
 
-async def test_successful_job_is_done(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_successful_job_is_done(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
+) -> None:
     seen: list[int] = []
 
     async def handler(job: Job, ctx: JobContext) -> None:
         seen.append(job.id)
 
-    async with running_engine(tmp_path, handler) as engine:
+    async with running_engine(tmp_path, handler, hop=hop) as engine:
         await enqueue(engine, 3)
         jobs = await wait_for(engine, all_final)
     assert [j.state for j in jobs] == ["done"] * 3 and sorted(seen) == [j.id for j in jobs]
@@ -114,7 +170,7 @@ async def test_successful_job_is_done(tmp_path: Path, autojump_clock: trio.testi
 
 
 async def test_transient_errors_retry_on_the_full_jitter_schedule_then_fail(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
 ) -> None:
     calls: list[float] = []
 
@@ -122,7 +178,7 @@ async def test_transient_errors_retry_on_the_full_jitter_schedule_then_fail(
         calls.append(ctx.now())
         raise UpstreamTimeout("page took too long")
 
-    async with running_engine(tmp_path, handler, max_attempts=4, seed=11) as engine:
+    async with running_engine(tmp_path, handler, max_attempts=4, seed=11, hop=hop) as engine:
         await enqueue(engine)
         [job] = await wait_for(engine, all_final)
     assert job.state == "failed" and job.attempts == 4
@@ -133,23 +189,25 @@ async def test_transient_errors_retry_on_the_full_jitter_schedule_then_fail(
         assert after - before >= expected.delay(attempt) - 1e-6
 
 
-async def test_permanent_error_fails_at_once(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_permanent_error_fails_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
+) -> None:
     async def handler(job: Job, ctx: JobContext) -> None:
         raise AccountUnavailable("PDS says RepoTakendown", code="repo_takendown")
 
-    async with running_engine(tmp_path, handler) as engine:
+    async with running_engine(tmp_path, handler, hop=hop) as engine:
         await enqueue(engine)
         [job] = await wait_for(engine, all_final)
     assert (job.state, job.attempts, job.error_code) == ("failed", 1, "repo_takendown")
 
 
 async def test_unexpected_exception_is_retried_as_internal_error(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
 ) -> None:
     async def handler(job: Job, ctx: JobContext) -> None:
         raise KeyError("bug")
 
-    async with running_engine(tmp_path, handler, max_attempts=2) as engine:
+    async with running_engine(tmp_path, handler, max_attempts=2, hop=hop) as engine:
         await enqueue(engine)
         [job] = await wait_for(engine, all_final)
     assert (job.state, job.attempts, job.error_code) == ("failed", 2, "internal_error")
@@ -157,25 +215,25 @@ async def test_unexpected_exception_is_retried_as_internal_error(
 
 
 async def test_a_failing_job_does_not_poison_others(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
 ) -> None:
     async def handler(job: Job, ctx: JobContext) -> None:
         if job.did == dids(2)[0]:
             raise AccountUnavailable("gone", code="repo_not_found")
 
-    async with running_engine(tmp_path, handler) as engine:
+    async with running_engine(tmp_path, handler, hop=hop) as engine:
         await enqueue(engine, 5)
         jobs = await wait_for(engine, all_final)
     assert sorted(j.state for j in jobs) == ["done"] * 4 + ["failed"]
 
 
 async def test_dispatcher_wakes_on_enqueue_without_polling(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
 ) -> None:
     async def handler(job: Job, ctx: JobContext) -> None:
         pass
 
-    async with running_engine(tmp_path, handler) as engine:
+    async with running_engine(tmp_path, handler, hop=hop) as engine:
         store = engine.db.store
         claims = 0
         original = store.claim_jobs
@@ -194,7 +252,9 @@ async def test_dispatcher_wakes_on_enqueue_without_polling(
         assert claims <= 4
 
 
-async def test_wakes_for_the_next_due_retry(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_wakes_for_the_next_due_retry(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
+) -> None:
     calls: list[float] = []
 
     async def handler(job: Job, ctx: JobContext) -> None:
@@ -202,37 +262,27 @@ async def test_wakes_for_the_next_due_retry(tmp_path: Path, autojump_clock: trio
         if len(calls) == 1:
             raise UpstreamTimeout("once")
 
-    async with running_engine(tmp_path, handler) as engine:
+    async with running_engine(tmp_path, handler, hop=hop) as engine:
         await enqueue(engine)
         [job] = await wait_for(engine, all_final)
     assert job.state == "done" and job.attempts == 2 and len(calls) == 2
 
 
 async def test_backpressure_holds_backfill_jobs_until_acked(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
 ) -> None:
     ran: list[str | None] = []
 
     async def handler(job: Job, ctx: JobContext) -> None:
         ran.append(job.did)
-        store = ctx._engine.db.store  # the test handler writes records like the real one
-        await ctx._engine.db.run(
-            store.record_page,
-            job_id=job.id,
-            run_id=job.run_id,
-            did=job.did or "",
-            collection=job.collection,
-            records=[(f"r{i}", f"c{i}") for i in range(5)],
-            cursor=None,
-            skipped=0,
-            now=ctx.now(),
-        )
+        await write_page(ctx, job, 5)
 
-    async with running_engine(tmp_path, handler, max_records_queue=3, workers=1) as engine:
+    async with running_engine(tmp_path, handler, max_records_queue=3, workers=1, hop=hop) as engine:
         await enqueue(engine, 2)
         await trio.sleep(600)
         assert len(ran) == 1  # the first job pushed the queue over the limit; the second waits
-        last = (await engine.db.run(engine.db.store.list_records, after=0, limit=100))[-1].id
+        _, last = await engine.db.run(engine.db.store.list_records_json, after=0, limit=100)
+        assert last is not None
         await engine.db.run(engine.db.store.ack_records, last)
         engine.notify()
         await wait_for(engine, all_final)
@@ -240,7 +290,7 @@ async def test_backpressure_holds_backfill_jobs_until_acked(
 
 
 async def test_rate_limited_job_waits_without_spending_attempts(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
 ) -> None:
     calls: list[float] = []
 
@@ -249,7 +299,7 @@ async def test_rate_limited_job_waits_without_spending_attempts(
         if len(calls) <= 3:
             raise RateLimited("429", host="https://pds", resume_at=ctx.now() + 100)
 
-    async with running_engine(tmp_path, handler, max_attempts=1) as engine:
+    async with running_engine(tmp_path, handler, max_attempts=1, hop=hop) as engine:
         await enqueue(engine)
         [job] = await wait_for(engine, all_final)
     assert job.state == "done" and job.attempts == 1 and job.rate_limit_waits == 3
@@ -257,7 +307,7 @@ async def test_rate_limited_job_waits_without_spending_attempts(
 
 
 async def test_too_many_rate_limit_waits_fail_with_their_own_code(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
 ) -> None:
     calls = 0
 
@@ -266,7 +316,7 @@ async def test_too_many_rate_limit_waits_fail_with_their_own_code(
         calls += 1
         raise RateLimited("429", host="https://pds", resume_at=ctx.now() + 10)
 
-    async with running_engine(tmp_path, handler) as engine:
+    async with running_engine(tmp_path, handler, hop=hop) as engine:
         await enqueue(engine)
         [job] = await wait_for(engine, all_final)
     assert job.state == "failed" and job.error_code == "rate_limit_exhausted"
@@ -274,7 +324,7 @@ async def test_too_many_rate_limit_waits_fail_with_their_own_code(
 
 
 async def test_jobs_of_a_paused_host_are_not_claimed_and_others_flow(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
 ) -> None:
     paused = {"https://slow": EPOCH + 500}
     ran: list[tuple[str | None, float]] = []
@@ -284,7 +334,7 @@ async def test_jobs_of_a_paused_host_are_not_claimed_and_others_flow(
         async with ctx.host_slot(host):
             ran.append((job.did, ctx.now()))
 
-    async with running_engine(tmp_path, handler, workers=1, paused=paused) as engine:
+    async with running_engine(tmp_path, handler, workers=1, paused=paused, hop=hop) as engine:
         await enqueue(engine, 3)
         jobs = await wait_for(engine, all_final)
     assert all(j.state == "done" for j in jobs)
@@ -296,7 +346,7 @@ async def test_jobs_of_a_paused_host_are_not_claimed_and_others_flow(
 
 
 async def test_saturated_host_defers_without_holding_a_worker(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
 ) -> None:
     inside = 0
     peak = 0
@@ -309,14 +359,16 @@ async def test_saturated_host_defers_without_holding_a_worker(
             await trio.sleep(10)
             inside -= 1
 
-    async with running_engine(tmp_path, handler, workers=4, per_host_jobs=2) as engine:
+    async with running_engine(tmp_path, handler, workers=4, per_host_jobs=2, hop=hop) as engine:
         await enqueue(engine, 6)
         jobs = await wait_for(engine, all_final)
     assert all(j.state == "done" and j.attempts == 1 for j in jobs)
     assert peak == 2
 
 
-async def test_job_deferred_costs_no_attempt(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_job_deferred_costs_no_attempt(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
+) -> None:
     calls = 0
 
     async def handler(job: Job, ctx: JobContext) -> None:
@@ -325,14 +377,14 @@ async def test_job_deferred_costs_no_attempt(tmp_path: Path, autojump_clock: tri
         if calls < 3:
             raise JobDeferred(not_before=ctx.now() + 5, host=None)
 
-    async with running_engine(tmp_path, handler, max_attempts=1) as engine:
+    async with running_engine(tmp_path, handler, max_attempts=1, hop=hop) as engine:
         await enqueue(engine)
         [job] = await wait_for(engine, all_final)
     assert job.state == "done" and job.attempts == 1
 
 
 async def test_jobs_left_running_by_a_dead_process_run_again(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
 ) -> None:
     store = Store.open(tmp_path / "db.sqlite3")
     store.create_run(mode="explicit", collections=[COLL], dids=dids(2), now=EPOCH)
@@ -343,13 +395,13 @@ async def test_jobs_left_running_by_a_dead_process_run_again(
     async def handler(job: Job, ctx: JobContext) -> None:
         ran.append(job.id)
 
-    async with running_engine(tmp_path, handler) as engine:
+    async with running_engine(tmp_path, handler, hop=hop) as engine:
         jobs = await wait_for(engine, all_final)
     assert sorted(ran) == [j.id for j in jobs] and all(j.attempts == 1 for j in jobs)
 
 
 async def test_stop_interrupts_between_pages_and_job_is_pending_again(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
 ) -> None:
     pages = 0
 
@@ -360,7 +412,7 @@ async def test_stop_interrupts_between_pages_and_job_is_pending_again(
             pages += 1
             await trio.sleep(1)
 
-    async with running_engine(tmp_path, handler) as engine:
+    async with running_engine(tmp_path, handler, hop=hop) as engine:
         await enqueue(engine)
         await trio.sleep(5)
         engine.stop()
@@ -370,12 +422,12 @@ async def test_stop_interrupts_between_pages_and_job_is_pending_again(
 
 
 async def test_cancelling_a_run_cancels_its_running_job(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
 ) -> None:
     async def handler(job: Job, ctx: JobContext) -> None:
         await trio.sleep_forever()
 
-    async with running_engine(tmp_path, handler) as engine:
+    async with running_engine(tmp_path, handler, hop=hop) as engine:
         run_id = await enqueue(engine)
         await trio.sleep(1)
         await engine.db.run(engine.db.store.cancel_run, run_id, wall())
@@ -385,7 +437,7 @@ async def test_cancelling_a_run_cancels_its_running_job(
 
 
 async def test_waits_for_a_pause_another_job_caused_cost_nothing(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
 ) -> None:
     calls = 0
 
@@ -395,7 +447,126 @@ async def test_waits_for_a_pause_another_job_caused_cost_nothing(
         if calls <= MAX_RATE_LIMIT_WAITS + 5:
             raise RateLimited("paused", host="https://pds", resume_at=ctx.now() + 1, received=False)
 
-    async with running_engine(tmp_path, handler) as engine:
+    async with running_engine(tmp_path, handler, hop=hop) as engine:
         await enqueue(engine)
         [job] = await wait_for(engine, all_final)
     assert (job.state, job.rate_limit_waits, job.attempts) == ("done", 0, 1)
+
+
+class FlakyStore(Store):
+    """A store whose chosen methods fail with ``database_busy`` the first ``times`` calls."""
+
+    failures: dict[str, int]
+
+    def fail(self, method: str, times: int) -> None:
+        self.failures = {**getattr(self, "failures", {}), method: times}
+
+    def _maybe_fail(self, method: str) -> None:
+        left = getattr(self, "failures", {}).get(method, 0)
+        if left:
+            self.failures[method] = left - 1
+            raise sqlite3.OperationalError("database is locked")
+
+    def claim_jobs(self, **kw: Any) -> list[Job]:  # type: ignore[override]
+        self._maybe_fail("claim_jobs")
+        return super().claim_jobs(**kw)
+
+    def finish_job(self, *args: Any, **kw: Any) -> Job:  # type: ignore[override]
+        self._maybe_fail("finish_job")
+        return super().finish_job(*args, **kw)
+
+    def apply_page(self, *args: Any, **kw: Any) -> Any:  # type: ignore[override]
+        self._maybe_fail("apply_page")
+        return super().apply_page(*args, **kw)
+
+
+async def test_a_failing_database_never_stops_the_engine(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
+) -> None:
+    store = FlakyStore.open(tmp_path / "db.sqlite3")
+    store.fail("claim_jobs", 5)
+    store.fail("apply_page", 2)
+    store.fail("finish_job", 3)
+    attempts: list[int] = []
+
+    async def handler(job: Job, ctx: JobContext) -> None:
+        attempts.append(job.attempts)
+        await write_page(ctx, job, 3)
+
+    async with running_engine(tmp_path, handler, hop=hop, store=store, max_attempts=1) as engine:
+        await enqueue(engine)
+        [job] = await wait_for(engine, all_final)
+        assert engine.db.failing is None
+    # the page write failed twice: each time the job waited for the database at no cost
+    assert job.state == "done" and job.attempts == 1 and attempts == [1, 1, 1]
+    assert job.records_enqueued == 3
+
+
+async def test_a_job_running_at_three_deaths_fails_as_crash_loop(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
+) -> None:
+    path = tmp_path / "db.sqlite3"
+    store = Store.open(path)
+    store.create_run(mode="explicit", collections=[COLL], dids=dids(1), now=EPOCH)
+    store.close()
+    for _ in range(3):  # three processes die while running the job
+        store = Store.open(path)
+        store.recover_jobs(EPOCH, expired_only=False)
+        assert store.claim_jobs(now=EPOCH, limit=1, owner="dead", max_records_queue=10)
+        store.close()
+    ran: list[int] = []
+
+    async def handler(job: Job, ctx: JobContext) -> None:
+        ran.append(job.id)
+
+    async with running_engine(tmp_path, handler, hop=hop) as engine:
+        [job] = await wait_for(engine, all_final)
+    assert ran == [] and (job.state, job.error_code) == ("failed", "crash_loop")
+
+
+async def test_a_dead_daemons_expired_lease_is_taken_over(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
+) -> None:
+    store = Store.open(tmp_path / "db.sqlite3")
+    store.create_run(mode="explicit", collections=[COLL], dids=dids(1), now=EPOCH)
+    [dead] = store.claim_jobs(now=EPOCH, limit=1, owner="dead", max_records_queue=10, lease_until=EPOCH + 3)
+    took_over: list[float] = []
+
+    async def handler(job: Job, ctx: JobContext) -> None:
+        took_over.append(ctx.now())
+
+    async with running_engine(tmp_path, handler, hop=hop, store=store, lease_timeout=3.0) as engine:
+        [job] = await wait_for(engine, all_final)
+    assert job.state == "done" and job.lease_token == dead.lease_token + 1
+    assert EPOCH + 3 <= took_over[0] <= EPOCH + 3 + 3 + 1  # within one renewal round of the expiry
+
+
+async def test_a_lost_lease_interrupts_the_job_and_writes_nothing(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
+) -> None:
+    store = Store.open(tmp_path / "db.sqlite3")
+    started = trio.Event()
+
+    async def handler(job: Job, ctx: JobContext) -> None:
+        started.set()
+        while True:
+            await trio.sleep(1)
+            await write_page(ctx, job, 1, cursor="more")
+
+    async with running_engine(tmp_path, handler, hop=hop, store=store, lease_timeout=3.0) as engine:
+        await enqueue(engine)
+        await started.wait()
+        # another daemon took the job over (its lease expired there): a new claim, a new token
+        await engine.db.run(store.recover_jobs, wall() + 1000, expired_only=True)
+        [other] = await engine.db.run(
+            store.claim_jobs,
+            now=wall(),
+            limit=1,
+            owner="other",
+            max_records_queue=10,
+            lease_until=wall() + 1e6,
+        )
+        await trio.sleep(10)
+        [job] = await engine.db.run(store.list_jobs)
+    assert job.state == "running" and job.lease_token == other.lease_token
+    assert engine.busy == 0  # interrupted here, and nothing this daemon wrote landed after the takeover

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from daemon.engine.backoff import RetryPolicy
-from daemon.engine.outcome import MAX_RATE_LIMIT_WAITS, Finish, Outcome, Reschedule, decide
+from daemon.engine.outcome import MAX_RATE_LIMIT_WAITS, Abandon, Finish, Outcome, Reschedule, decide
 from daemon.errors import (
     AccountUnavailable,
     BlockedAddress,
@@ -16,9 +16,11 @@ from daemon.errors import (
     IdentityError,
     JobDeferred,
     JobInterrupted,
+    JobLost,
     LimitExceeded,
     ProtocolViolation,
     RateLimited,
+    StoreError,
     UpstreamConnectError,
     UpstreamHTTPError,
     UpstreamTimeout,
@@ -180,6 +182,32 @@ TABLE: list[tuple[str, Job, BaseException | None, bool, Outcome]] = [
         Reschedule(NOW - 10, "interrupted", refund_attempt=True),
     ),
     ("interrupted, run cancelled", job(), JobInterrupted(), True, Finish("cancelled")),
+    ("lost (cancelled or taken over)", job(), JobLost("gone"), False, Abandon("gone")),
+    (
+        "database locked: waits at no cost",
+        job(attempts=4),
+        StoreError("locked", code=Code.DATABASE_BUSY),
+        False,
+        Reschedule(
+            NOW + 10.0, "database", refund_attempt=True, error_code="database_busy", last_error="locked"
+        ),
+    ),
+    (
+        "database full: waits at no cost",
+        job(attempts=1),
+        StoreError("full", code=Code.DATABASE_FULL),
+        False,
+        Reschedule(
+            NOW + 10.0, "database", refund_attempt=True, error_code="database_full", last_error="full"
+        ),
+    ),
+    (
+        "another database error is the job's own",
+        job(attempts=4),
+        StoreError("constraint", code=Code.DATABASE_ERROR),
+        False,
+        Finish("failed", "database_error", "constraint"),
+    ),
     ("a cancelled run does not change an error's outcome", job(), None, True, Finish("done")),
 ]
 

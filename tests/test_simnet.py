@@ -21,6 +21,7 @@ from daemon.simnet import (
     ACCOUNT_BEHAVIOURS,
     DEFAULT_COLLECTIONS,
     PDS_BEHAVIOURS,
+    VERIFIED_BEHAVIOURS,
     Account,
     DaemonLimits,
     HostOptions,
@@ -59,6 +60,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Every account behaviour once, on two hosts, 25 records per collection (3 pages of 10).
 ALL_MODES = {name: 1 for name in sorted(ACCOUNT_BEHAVIOURS)}
+LIST = DaemonLimits(mode="list")
 
 
 def did_with(spec: NetworkSpec, behaviour: str | None) -> str:
@@ -201,7 +203,7 @@ def test_duplicate_dids_and_bad_hosts_are_rejected() -> None:
 
 
 def test_expected_failed_codes(spec: NetworkSpec) -> None:
-    failed = expected_failed(spec)
+    failed = expected_failed(spec, limits=LIST)
     codes = {spec.account(did).behaviour: code for (did, _), code in failed.items()}
     assert codes == {
         "plc_404": "did_not_found",
@@ -236,27 +238,36 @@ def test_expected_failed_codes(spec: NetworkSpec) -> None:
         "pds_could_not_find": "repo_not_found",
         "pds_redirect": "redirect",
         "pds_endless": "too_many_pages",
+        "pds_gone_deactivated": "repo_deactivated",
+        "pds_gone_takendown": "repo_takendown",
+        "pds_gone_deleted": "repo_not_found",
     }
     assert len(failed) == 2 * len(codes)
-    recovering = {"pds_404_first", "pds_500_once", "pds_fail_after_page", "pds_429_once", "pds_bad_records"}
+    recovering = {
+        "pds_404_first",
+        "pds_500_once",
+        "pds_fail_after_page",
+        "pds_429_once",
+        "pds_bad_records",
+        "pds_moved",
+    }
     assert {name for name, code in PDS_BEHAVIOURS.items() if code is None} == recovering
 
 
 def test_expectations_follow_the_daemon_limits(spec: NetworkSpec) -> None:
-    small = DaemonLimits(page_size=10, max_attempts=3)
+    small = DaemonLimits(page_size=10, max_attempts=3, mode="list")
     codes = {
         spec.account(did).behaviour: code for (did, _), code in expected_failed(spec, limits=small).items()
     }
     # 25 records in pages of 10 take 3 requests; failing each once needs 4 attempts.
     assert codes["pds_500_once"] == "http_status"
     assert "pds_fail_after_page" not in codes  # 2 failures need 3 attempts
-    assert expected_failed(spec, limits=DaemonLimits(page_size=10, max_pages_per_collection=2))[
+    assert expected_failed(spec, limits=DaemonLimits(page_size=10, max_pages_per_collection=2, mode="list"))[
         (plc_did(0), C1)
     ] == ("too_many_pages")
     huge = did_with(spec, "pds_huge")
-    assert expected_failed(spec, limits=DaemonLimits(max_response_bytes=100 * 1_048_576))[(huge, C1)] == (
-        "bad_response"
-    )
+    big = DaemonLimits(max_response_bytes=100 * 1_048_576, mode="list")
+    assert expected_failed(spec, limits=big)[(huge, C1)] == "bad_response"
     strict = expected_failed(spec, limits=DaemonLimits(allow_private_addresses=False))
     assert strict[(plc_did(0), C1)] == "insecure_url"
     assert strict[(did_with(spec, "plc_404"), C1)] == "did_not_found"
@@ -264,11 +275,15 @@ def test_expectations_follow_the_daemon_limits(spec: NetworkSpec) -> None:
 
 
 def test_expected_records_cover_exactly_the_recovering_pairs(spec: NetworkSpec) -> None:
-    expected = expected_records(spec)
+    expected = expected_records(spec, limits=LIST)
     by_behaviour = {spec.account(did).behaviour for did, _, _, _ in expected}
-    assert by_behaviour == {None, "pds_500_once", "pds_fail_after_page", "pds_429_once", "pds_bad_records"}
-    assert len(expected) == 7 * 2 * 25
-    assert expected < possible_records(spec)
+    repo_modes = set(VERIFIED_BEHAVIOURS)
+    listed = {None, "pds_500_once", "pds_fail_after_page", "pds_429_once", "pds_bad_records", "pds_moved"}
+    assert by_behaviour == listed | repo_modes
+    # 3 healthy accounts and one per other mode; list_unsigned adds 2 records per pair, list_altered hides the
+    # 9 of 25 whose index is a multiple of 3.
+    assert len(expected) == (3 + len(by_behaviour) - 3) * 2 * 25 + 2 * 27 + 2 * 16
+    assert expected < possible_records(spec, limits=LIST)
     assert len(possible_records(spec)) == len(spec.accounts) * 2 * 25
     only = expected_records(spec, dids=[plc_did(0)], collections=[C2])
     records = [make_record(plc_did(0), C2, index) for index in range(25)]
@@ -358,18 +373,23 @@ async def test_repo_errors_and_empty_collections(net: RunningNetwork, client: ht
     missing = await client.get(
         net.pds_urls[0] + LIST_RECORDS, params={"repo": plc_did(777), "collection": C1}
     )
-    assert (missing.status_code, missing.json()["error"]) == (400, "RepoNotFound")
+    # What the reference PDS says for an account it does not have (deleted, or never there).
+    assert (missing.status_code, missing.json()) == (
+        400,
+        {"error": "InvalidRequest", "message": f"Could not find repo: {plc_did(777)}"},
+    )
     # Accounts only exist on their own host.
     elsewhere = await client.get(
         net.pds_urls[1] + LIST_RECORDS, params={"repo": plc_did(0), "collection": C1}
     )
-    assert elsewhere.json()["error"] == "RepoNotFound"
+    assert elsewhere.json()["error"] == "InvalidRequest"
     empty = await list_records(client, net, plc_did(0), "com.example.simnet.unused")
     assert (empty.status_code, empty.json()) == (200, {"records": []})
     no_repo = await client.get(net.pds_urls[0] + LIST_RECORDS, params={"collection": C1})
     assert no_repo.status_code == 400
-    other = await client.get(net.pds_urls[0] + "/xrpc/com.atproto.sync.getRepo")
-    assert other.status_code == 404
+    other = await client.get(net.pds_urls[0] + "/xrpc/com.atproto.sync.listBlobs")
+    assert (other.status_code, other.json()["error"]) == (501, "MethodNotImplemented")
+    assert (await client.get(net.pds_urls[0] + "/elsewhere")).status_code == 404
 
 
 async def test_cursor_on_last_page_ends_with_an_empty_page(client: httpx.AsyncClient) -> None:
@@ -398,7 +418,7 @@ async def test_expected_records_match_what_paging_yields(
         for collection in (C1, C2):
             records, _ = await page_through(client, net, did, collection)
             found |= records
-    limits = DaemonLimits(page_size=10)
+    limits = DaemonLimits(page_size=10, mode="list")
     assert found == expected_records(spec, limits=limits, dids=dids)
     assert not any(key[0] in dids for key in expected_failed(spec, limits=limits))
 

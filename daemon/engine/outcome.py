@@ -43,6 +43,9 @@ from daemon.store.models import Job
 
 # SPEC 6.1: a job waits for at most this many 429s it received itself, then fails.
 MAX_RATE_LIMIT_WAITS = 20
+# Database failures that say nothing about the job (it waits for the database at no cost); any other
+# database error is the job's own and spends an attempt like an unexpected error.
+DATABASE_UNAVAILABLE = frozenset({Code.DATABASE_BUSY, Code.DATABASE_FULL, Code.DATABASE_IO})
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +103,7 @@ def decide(
         return Finish("done")
     if isinstance(error, JobLost):
         return Abandon(error.message)
-    if isinstance(error, StoreError):
+    if isinstance(error, StoreError) and error.code in DATABASE_UNAVAILABLE:
         return Reschedule(
             now + policy.delay(1), "database", refund_attempt=True, error_code=error.code, last_error=error.message
         )
@@ -128,7 +131,7 @@ def decide(
         )
     if isinstance(error, PermanentJobError):
         return Finish("failed", error.code, error.message)
-    if isinstance(error, JobError):
+    if isinstance(error, JobError | StoreError):
         code, message = error.code, error.message
     else:
         code, message = Code.INTERNAL_ERROR, f"{type(error).__name__}: {error}"

@@ -149,15 +149,18 @@ class Engine:
         if self.settings.lease_timeout is None:
             await self._recover(expired_only=False)
         self.metrics.workers_total.set(self.settings.workers)
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as keeper:
             if self.settings.lease_timeout is not None:
-                nursery.start_soon(self._keep_leases, self.settings.lease_timeout)
-            nursery.start_soon(self._dispatch)
-            for _ in range(self.settings.workers):
-                nursery.start_soon(self._work, self._receive.clone())
-            self._receive.close()
-            self.running = True
-            task_status.started()
+                # renews leases until the last worker has drained, then goes with them
+                keeper.start_soon(self._keep_leases, self.settings.lease_timeout)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._dispatch)
+                for _ in range(self.settings.workers):
+                    nursery.start_soon(self._work, self._receive.clone())
+                self._receive.close()
+                self.running = True
+                task_status.started()
+            keeper.cancel_scope.cancel()
         self.running = False
 
     async def _recover(self, *, expired_only: bool) -> None:

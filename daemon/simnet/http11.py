@@ -1,7 +1,7 @@
-"""A small HTTP/1.1 server on trio and h11 that carries out the actions of :mod:`daemon.simnet.responses`.
+"""A small HTTP/1.1 server on trio and h11 that carries out the actions of :mod:`daemon.simnet.actions`.
 
-One task per connection, keep-alive, GET only in practice (a request body is read and ignored). Every
-origin counts what it serves in an :class:`OriginStats`.
+One task per connection, keep-alive; a request body (the control endpoint's POSTs) is read up to
+:data:`MAX_BODY` bytes (413 beyond). Every origin counts what it serves in an :class:`OriginStats`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,20 @@ from typing import Final
 import h11
 import trio
 
-from daemon.simnet.responses import Action, Disconnect, Handler, Hang, Reply, Stream
+from daemon.simnet.actions import (
+    Action,
+    Chunks,
+    Disconnect,
+    Handler,
+    Hang,
+    Reply,
+    Request,
+    Stream,
+    error_reply,
+)
 
 RECEIVE_SIZE: Final = 65536
+MAX_BODY: Final = 1_048_576
 _REASONS: Final = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 _BAD_REQUEST: Final = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
@@ -26,7 +37,8 @@ class OriginStats:
 
     ``seen`` holds ``(path, query)`` per request when the origin records requests, ``timestamps`` the
     ``trio.current_time()`` at which each request arrived; ``in_flight`` counts requests received and not
-    yet fully answered (or abandoned), ``peak_in_flight`` its maximum.
+    yet fully answered (or abandoned), ``peak_in_flight`` its maximum. ``rate_limited`` counts the 429s a
+    host's own rate limit (``HostOptions.rate_limit``) sent, apart from those of the 429 hostile modes.
     """
 
     def __init__(self, record_requests: bool = True) -> None:
@@ -37,6 +49,7 @@ class OriginStats:
         self.statuses: Counter[int] = Counter()
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.rate_limited = 0
 
     def reset(self) -> None:
         """Forget everything counted so far (requests still in flight stay counted as in flight)."""
@@ -45,6 +58,11 @@ class OriginStats:
         self.timestamps = []
         self.statuses = Counter()
         self.peak_in_flight = self.in_flight
+        self.rate_limited = 0
+
+    def count_rate_limited(self) -> None:
+        """Count one 429 sent by the host's own rate limit."""
+        self.rate_limited += 1
 
     def started(self, path: str, query: str, now: float) -> None:
         """Count a request that has just arrived."""
@@ -85,6 +103,7 @@ class OriginStats:
             "peak_in_flight": self.peak_in_flight,
             "peak_rate_1s": self.peak_rate(),
             "statuses": {str(status): count for status, count in sorted(self.statuses.items())},
+            "rate_limited": self.rate_limited,
         }
         if timestamps:
             result["timestamps"] = list(self.timestamps)
@@ -106,15 +125,20 @@ async def serve_connection(origin: Origin, stream: trio.SocketStream) -> None:
     """Serve the requests of one client connection until it closes or an action ends it."""
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=RECEIVE_SIZE)
     try:
+        client = str(stream.socket.getpeername()[0])
+    except OSError:
+        client = "unknown"
+    try:
         while True:
             try:
-                target = await _receive_request(connection, stream)
+                received = await _receive_request(connection, stream)
             except h11.RemoteProtocolError:
                 await stream.send_all(_BAD_REQUEST)
                 return
-            if target is None:
+            if received is None:
                 return
-            if not await _answer(origin, connection, stream, target):
+            method, target, body = received
+            if not await _answer(origin, connection, stream, method, target, body, client):
                 return
             if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                 return
@@ -125,28 +149,50 @@ async def serve_connection(origin: Origin, stream: trio.SocketStream) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def _receive_request(connection: h11.Connection, stream: trio.SocketStream) -> str | None:
-    target: str | None = None
+async def _receive_request(
+    connection: h11.Connection, stream: trio.SocketStream
+) -> tuple[str, str, bytes | None] | None:
+    """``(method, target, body)`` of the next request (body None: larger than :data:`MAX_BODY`)."""
+    method = target = ""
+    body: bytearray | None = bytearray()
     while True:
         event = connection.next_event()
         if event is h11.NEED_DATA:
             connection.receive_data(await stream.receive_some(RECEIVE_SIZE))
         elif isinstance(event, h11.Request):
+            method = event.method.decode("ascii", "replace")
             target = event.target.decode("ascii", "replace")
+        elif isinstance(event, h11.Data):
+            if body is not None:
+                body += event.data
+                if len(body) > MAX_BODY:
+                    body = None
         elif isinstance(event, h11.EndOfMessage):
-            return target
+            return method, target, None if body is None else bytes(body)
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return None
 
 
-async def _answer(origin: Origin, connection: h11.Connection, stream: trio.SocketStream, target: str) -> bool:
-    """Carry out the action for ``target``; False when the connection must close afterwards."""
+async def _answer(
+    origin: Origin,
+    connection: h11.Connection,
+    stream: trio.SocketStream,
+    method: str,
+    target: str,
+    body: bytes | None,
+    client: str,
+) -> bool:
+    """Carry out the action for the request; False when the connection must close afterwards."""
     path, _, query = target.partition("?")
     stats = origin.stats
     stats.started(path, query, trio.current_time())
     status: int | None = None
     try:
-        action: Action = origin.handler.handle(path, query)
+        action: Action
+        if body is None:
+            action = error_reply(413, "PayloadTooLarge", "request entity too large")
+        else:
+            action = origin.handler.handle(Request(path, query, method, body, client))
         if origin.latency > 0:
             await trio.sleep(origin.latency)
         if isinstance(action, Reply):
@@ -156,6 +202,10 @@ async def _answer(origin: Origin, connection: h11.Connection, stream: trio.Socke
         if isinstance(action, Stream):
             status = 200
             await _send_stream(connection, stream, action)
+            return True
+        if isinstance(action, Chunks):
+            status = 200
+            await _send_chunks(connection, stream, action)
             return True
         if isinstance(action, Hang):
             # Hold the request until the client closes the connection (or the server stops).
@@ -182,6 +232,7 @@ async def _send_stream(connection: h11.Connection, stream: trio.SocketStream, bo
     headers = [(b"content-type", body.content_type)]
     if body.declare_length:
         headers.append((b"content-length", str(body.size).encode()))
+    headers += body.headers
     data = _encode(connection, h11.Response(status_code=200, headers=headers, reason=b"OK"))
     if body.head:
         data += _encode(connection, h11.Data(data=body.head))
@@ -192,6 +243,20 @@ async def _send_stream(connection: h11.Connection, stream: trio.SocketStream, bo
         await stream.send_all(_encode(connection, h11.Data(data=body.filler)))
     data = _encode(connection, h11.Data(data=body.tail)) if body.tail else b""
     await stream.send_all(data + _encode(connection, h11.EndOfMessage()))
+
+
+async def _send_chunks(connection: h11.Connection, stream: trio.SocketStream, body: Chunks) -> None:
+    headers = [(b"content-type", body.content_type)]
+    if body.size is not None:
+        headers.append((b"content-length", str(body.size).encode()))
+    headers += body.headers
+    await stream.send_all(_encode(connection, h11.Response(status_code=200, headers=headers, reason=b"OK")))
+    for chunk in body.chunks():
+        if body.interval > 0:
+            await trio.sleep(body.interval)
+        if chunk:
+            await stream.send_all(_encode(connection, h11.Data(data=chunk)))
+    await stream.send_all(_encode(connection, h11.EndOfMessage()))
 
 
 def _encode(connection: h11.Connection, event: h11.Response | h11.Data | h11.EndOfMessage) -> bytes:

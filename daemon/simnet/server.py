@@ -1,4 +1,4 @@
-"""Serving a :class:`~daemon.simnet.model.NetworkSpec` on loopback: one listener per origin.
+"""Serving a :class:`~daemon.simnet.spec.NetworkSpec` on loopback: one listener per origin.
 
 The PLC directory, the relay, every PDS host, every did:web account and a control endpoint each get their
 own ``127.0.0.1`` port (bound to port 0), so each PDS is a distinct origin for the daemon's per-host limits.
@@ -8,30 +8,22 @@ from __future__ import annotations
 
 import functools
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
 
 import trio
 
+from daemon.simnet.actions import PageCache
+from daemon.simnet.control import ControlHandler
 from daemon.simnet.http11 import Origin, OriginStats, serve_connection
-from daemon.simnet.model import (
-    Account,
-    NetworkSpec,
-    resolve_web_dids,
-    web_did_for_port,
-)
-from daemon.simnet.responses import (
-    NOT_FOUND,
-    Action,
-    DidWebHandler,
-    PageCache,
-    PdsHandler,
-    PlcHandler,
-    RelayHandler,
-    json_reply,
-    parse_query,
-)
+from daemon.simnet.identity import DidWebHandler, PlcHandler
+from daemon.simnet.ids import web_did_for_port
+from daemon.simnet.pds import PdsHandler
+from daemon.simnet.records import Mutation
+from daemon.simnet.relay import RelayHandler
+from daemon.simnet.repos import DEFAULT_REPO_CACHE_BYTES, RepoCache
+from daemon.simnet.spec import Account, NetworkSpec, resolve_web_dids, with_mutation
 
 DEFAULT_PAGE_CACHE_BYTES: Final = 64 * 1_048_576
 
@@ -40,8 +32,10 @@ class RunningNetwork:
     """A served network: its URLs, its (resolved) spec and the counters of every origin.
 
     ``spec`` is the served spec, with every did:web placeholder replaced by the real
-    ``did:web:localhost%3A<port>`` DID (``web_dids`` maps placeholder to real). ``stats`` maps each origin
-    URL (PLC, relay, PDS hosts, did:web hosts; not the control endpoint) to its :class:`OriginStats`.
+    ``did:web:localhost%3A<port>`` DID (``web_dids`` maps placeholder to real), and with every mutation so
+    far (:meth:`mutate`). ``stats`` maps each origin URL (PLC, relay, PDS hosts, did:web hosts; not the
+    control endpoint) to its :class:`OriginStats`; ``repos`` is the cache of built repos (and its build
+    counters).
     """
 
     def __init__(
@@ -54,7 +48,8 @@ class RunningNetwork:
         web: Mapping[str, Origin],
         web_dids: Mapping[str, str],
         control_url: str,
-        pds_handlers: tuple[PdsHandler, ...],
+        handlers: Handlers,
+        repos: RepoCache,
     ) -> None:
         self.spec = spec
         self.plc_url = plc.url
@@ -63,9 +58,9 @@ class RunningNetwork:
         self.did_web_urls = {did: origin.url for did, origin in web.items()}
         self.web_dids = dict(web_dids)
         self.control_url = control_url
+        self.repos = repos
         self._origins = (plc, relay, *pds, *web.values())
-        self._pds_handlers = pds_handlers
-        self._accounts = {account.did: account for account in spec.accounts}
+        self._handlers = handlers
         self.stats: dict[str, OriginStats] = {origin.url: origin.stats for origin in self._origins}
 
     @property
@@ -84,7 +79,7 @@ class RunningNetwork:
 
     def account(self, did: str) -> Account:
         """The served account with this DID (``KeyError`` if none)."""
-        return self._accounts[did]
+        return self.spec.account(did)
 
     def pds_url(self, did: str) -> str:
         """The base URL of the PDS that hosts ``did``."""
@@ -97,11 +92,35 @@ class RunningNetwork:
         return f"{self.plc_url}/{did}"
 
     def reset(self) -> None:
-        """Zero every counter and forget the state of the stateful hostile modes."""
+        """Zero every counter and forget the state of the stateful hostile modes (and which DIDs were
+        resolved, for pds_moved and key_rotated)."""
         for origin in self._origins:
             origin.stats.reset()
-        for handler in self._pds_handlers:
-            handler.reset()
+        self._handlers.reset()
+
+    def mutate(
+        self,
+        did: str,
+        mutation: Mutation | str,
+        *,
+        update: Sequence[int] = (),
+        delete: Sequence[int] = (),
+        create: int = 0,
+        empty: bool = False,
+        recreate: Sequence[int] = (),
+    ) -> Account:
+        """Change the records of ``did`` (a new commit, with a newer rev), and serve the new state.
+
+        Either a :class:`Mutation`, or the collection and the changes: ``mutate(did, collection,
+        update=[indices], delete=[indices], create=n, empty=False, recreate=[indices])`` (see
+        :class:`Mutation` for their order). ``spec`` (and so the expectation functions) follows.
+        Raises ConfigError for a change that names records that are not there.
+        """
+        if isinstance(mutation, str):
+            mutation = Mutation(mutation, tuple(update), tuple(delete), create, empty, tuple(recreate))
+        self.spec = with_mutation(self.spec, did, mutation)
+        self._handlers.set_spec(self.spec)
+        return self.spec.account(did)
 
     def describe(self) -> dict[str, object]:
         """The URLs as a JSON-able mapping (what the process mode writes to its port file)."""
@@ -115,26 +134,37 @@ class RunningNetwork:
         }
 
 
-class ControlHandler:
-    """``GET /stats[?timestamps=1]`` (every origin's counters by URL) and ``GET /reset``."""
+class Handlers:
+    """Every handler of a network, told together about a new spec or a reset."""
 
-    def __init__(self) -> None:
-        self.network: RunningNetwork | None = None
+    def __init__(
+        self,
+        plc: PlcHandler,
+        relay: RelayHandler,
+        pds: tuple[PdsHandler, ...],
+        web: tuple[DidWebHandler, ...],
+    ) -> None:
+        self.plc = plc
+        self.relay = relay
+        self.pds = pds
+        self.web = web
 
-    def handle(self, path: str, query: str) -> Action:
-        """The stats or reset answer."""
-        network = self.network
-        if network is None:
-            return NOT_FOUND
-        if path == "/stats":
-            timestamps = parse_query(query).get("timestamps") == "1"
-            return json_reply(
-                200, {url: s.snapshot(timestamps=timestamps) for url, s in network.stats.items()}
-            )
-        if path == "/reset":
-            network.reset()
-            return json_reply(200, {"reset": True})
-        return NOT_FOUND
+    def set_spec(self, spec: NetworkSpec) -> None:
+        """Serve ``spec`` from now on."""
+        self.plc.set_spec(spec)
+        self.relay.set_spec(spec)
+        for pds in self.pds:
+            pds.set_spec(spec)
+        for web in self.web:
+            web.set_spec(spec)
+
+    def reset(self) -> None:
+        """Forget the state of the stateful modes."""
+        self.plc.reset()
+        for pds in self.pds:
+            pds.reset()
+        for web in self.web:
+            web.reset()
 
 
 async def _listen() -> tuple[trio.SocketListener, str]:
@@ -148,6 +178,7 @@ async def serve_network(
     *,
     record_requests: bool = True,
     page_cache_bytes: int = DEFAULT_PAGE_CACHE_BYTES,
+    repo_cache_bytes: int = DEFAULT_REPO_CACHE_BYTES,
     task_status: trio.TaskStatus[RunningNetwork] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``spec`` until cancelled; ``nursery.start`` returns the :class:`RunningNetwork` once every
@@ -155,13 +186,13 @@ async def serve_network(
 
     ``record_requests=False`` keeps only counts and timestamps (not every path and query), for long
     benchmark runs; ``page_cache_bytes`` bounds the cache of rendered pages (shared by the relay and every
-    PDS host).
+    PDS host), ``repo_cache_bytes`` the cache of built repos (shared by every PDS host).
     """
     # A socket that is bound but never listens reserves a port that refuses every connection.
     down: list[socket.socket] = []
     try:
         async with trio.open_nursery() as nursery:
-            network, served = await _bind(spec, record_requests, page_cache_bytes, down)
+            network, served = await _bind(spec, record_requests, page_cache_bytes, repo_cache_bytes, down)
             for origin, listener in served:
                 handler = functools.partial(serve_connection, origin)
                 nursery.start_soon(trio.serve_listeners, handler, [listener])
@@ -172,7 +203,7 @@ async def serve_network(
 
 
 async def _bind(
-    spec: NetworkSpec, record_requests: bool, cache_bytes: int, down: list[socket.socket]
+    spec: NetworkSpec, record_requests: bool, cache_bytes: int, repo_bytes: int, down: list[socket.socket]
 ) -> tuple[RunningNetwork, list[tuple[Origin, trio.SocketListener]]]:
     plc_listener, plc_url = await _listen()
     relay_listener, relay_url = await _listen()
@@ -200,25 +231,24 @@ async def _bind(
             web_bound[real] = (listener, url)
     spec = resolve_web_dids(spec, web_dids)
     urls = tuple(pds_urls)
-
-    def origin(
-        name: str, url: str, handler: PdsHandler | PlcHandler | RelayHandler | DidWebHandler
-    ) -> Origin:
-        latency = spec.plc_latency if name in ("plc", "web") else 0.0
-        return Origin(name, url, handler, latency, OriginStats(record_requests))
-
     cache = PageCache(cache_bytes)
-    plc = origin("plc", plc_url, PlcHandler(spec, urls))
-    relay = origin("relay", relay_url, RelayHandler(spec, cache))
-    handlers = tuple(PdsHandler(spec, host, urls[host], cache) for host in range(spec.pds_hosts))
+    repos = RepoCache(repo_bytes)
+    plc_handler = PlcHandler(spec, urls)
+    relay_handler = RelayHandler(spec, cache)
+    pds_stats = [OriginStats(record_requests) for _ in range(spec.pds_hosts)]
+    pds_handlers = tuple(
+        PdsHandler(spec, host, urls[host], cache, repos, pds_stats[host].count_rate_limited)
+        for host in range(spec.pds_hosts)
+    )
+    web_handlers = {did: DidWebHandler(spec, spec.account(did), urls) for did in web_bound}
+    plc = Origin("plc", plc_url, plc_handler, spec.plc_latency, OriginStats(record_requests))
+    relay = Origin("relay", relay_url, relay_handler, 0.0, OriginStats(record_requests))
     pds = tuple(
-        Origin(
-            f"pds{host}", urls[host], handlers[host], spec.host_latency(host), OriginStats(record_requests)
-        )
+        Origin(f"pds{host}", urls[host], pds_handlers[host], spec.host_latency(host), pds_stats[host])
         for host in range(spec.pds_hosts)
     )
     web = {
-        did: origin("web", url, DidWebHandler(spec.account(did), urls[spec.account(did).pds]))
+        did: Origin("web", url, web_handlers[did], spec.plc_latency, OriginStats(record_requests))
         for did, (_, url) in web_bound.items()
     }
     control = ControlHandler()
@@ -230,7 +260,8 @@ async def _bind(
         web=web,
         web_dids=web_dids,
         control_url=control_url,
-        pds_handlers=handlers,
+        handlers=Handlers(plc_handler, relay_handler, pds_handlers, tuple(web_handlers.values())),
+        repos=repos,
     )
     control.network = network
     served = [(plc, plc_listener), (relay, relay_listener)]
@@ -242,12 +273,20 @@ async def _bind(
 
 @asynccontextmanager
 async def open_network(
-    spec: NetworkSpec, *, record_requests: bool = True, page_cache_bytes: int = DEFAULT_PAGE_CACHE_BYTES
+    spec: NetworkSpec,
+    *,
+    record_requests: bool = True,
+    page_cache_bytes: int = DEFAULT_PAGE_CACHE_BYTES,
+    repo_cache_bytes: int = DEFAULT_REPO_CACHE_BYTES,
 ) -> AsyncIterator[RunningNetwork]:
     """Serve ``spec`` for the duration of the ``async with`` block."""
     async with trio.open_nursery() as nursery:
         serve = functools.partial(
-            serve_network, spec, record_requests=record_requests, page_cache_bytes=page_cache_bytes
+            serve_network,
+            spec,
+            record_requests=record_requests,
+            page_cache_bytes=page_cache_bytes,
+            repo_cache_bytes=repo_cache_bytes,
         )
         network: RunningNetwork = await nursery.start(serve)
         try:

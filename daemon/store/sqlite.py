@@ -48,7 +48,7 @@ def translate(exc: BaseException) -> BaseException:
     """A SQLite error as the :class:`StoreError` it means; anything else unchanged (the edge's one mapping)."""
     if isinstance(exc, GroupAborted) and exc.__cause__ is not None:
         exc = exc.__cause__
-    if not isinstance(exc, sqlite3.Error) or isinstance(exc, sqlite3.IntegrityError):
+    if not isinstance(exc, sqlite3.Error):
         return exc
     name = getattr(exc, "sqlite_errorname", "") or ""
     code = next((c for prefix, c in _ERROR_CODES.items() if name.startswith(prefix)), Code.DATABASE_ERROR)
@@ -68,10 +68,11 @@ class SqliteStore(Store):
         self._group = False
 
     @classmethod
-    def open(cls, path: Path, *, lock: bool = True) -> SqliteStore:
+    def open(cls, path: Path, *, lock: bool = True, busy_timeout: float = BUSY_TIMEOUT) -> SqliteStore:
         """Open (creating and migrating) the database at ``path``; with ``lock``, take the instance lock.
 
-        Every failure is a :class:`StartupError` that says what is wrong in one line.
+        ``busy_timeout`` is how long a statement waits for another writer (an operator's shell) before it
+        fails with ``database_busy``. Every failure is a :class:`StartupError` saying what is wrong in one line.
         """
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,7 @@ class SqliteStore(Store):
             ) from None
         instance = InstanceLock.take(path) if lock else None
         try:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")

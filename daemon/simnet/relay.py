@@ -1,0 +1,97 @@
+"""The relay: ``com.atproto.sync.listReposByCollection``, with the relay hostile modes."""
+
+from __future__ import annotations
+
+import bisect
+import json
+from typing import Final
+
+from daemon.simnet.actions import (
+    HANG,
+    INTERNAL_ERROR,
+    NOT_FOUND,
+    Action,
+    PageCache,
+    Reply,
+    Request,
+    error_reply,
+    json_reply,
+    parse_query,
+)
+from daemon.simnet.expectations import relay_dids
+from daemon.simnet.spec import NetworkSpec
+
+LIST_REPOS_BY_COLLECTION: Final = "/xrpc/com.atproto.sync.listReposByCollection"
+DEFAULT_RELAY_LIMIT: Final = 500
+RELAY_JUNK: Final[tuple[object, ...]] = (
+    "did:plc:notanobject000000000000",
+    42,
+    None,
+    {},
+    {"did": 7},
+    {"did": "not a did"},
+    {"did": ""},
+)
+
+
+class RelayHandler:
+    """The relay: ``listReposByCollection`` over the accounts with records in a collection, sorted by DID;
+    the cursor is the last DID of the page (opaque to clients)."""
+
+    def __init__(self, spec: NetworkSpec, cache: PageCache) -> None:
+        self._cache = cache
+        self._generation = 0
+        self.set_spec(spec)
+
+    def set_spec(self, spec: NetworkSpec) -> None:
+        """Serve the (mutated) ``spec``: a collection emptied leaves the listing, as on a real relay."""
+        self._spec = spec
+        self._dids = {c: relay_dids(spec, c) for c in spec.collections}
+        self._generation += 1
+
+    def handle(self, request: Request) -> Action:
+        """One page of DIDs, or the collection's hostile mode."""
+        if request.path != LIST_REPOS_BY_COLLECTION:
+            return NOT_FOUND
+        args = parse_query(request.query)
+        collection = args.get("collection")
+        if not collection:
+            return error_reply(400, "InvalidRequest", 'Error: Params must have the property "collection"')
+        try:
+            requested = int(args.get("limit", DEFAULT_RELAY_LIMIT))
+        except ValueError:
+            return error_reply(400, "InvalidRequest", "Error: limit must be an integer")
+        limit = min(max(requested, 1), self._spec.relay_page_cap)
+        cursor = args.get("cursor") or None
+        mode = self._spec.relay_behaviour.get(collection)
+        if mode == "relay_hang":
+            return HANG
+        if mode == "relay_500":
+            return INTERNAL_ERROR
+        if mode == "relay_bad_body":
+            return json_reply(200, ["repos"])
+        if mode == "relay_missing_repos":
+            return json_reply(200, {"cursor": cursor or "did:plc:zzzzzzzzzzzzzzzzzzzzzzzz"})
+        key = ("relay", self._generation, collection, limit, cursor)
+        body = self._cache.get(key)
+        if body is None:
+            body = self._render(collection, limit, cursor, mode)
+            self._cache.put(key, body)
+        return Reply(200, body)
+
+    def _render(self, collection: str, limit: int, cursor: str | None, mode: str | None) -> bytes:
+        dids = self._dids.get(collection, [])
+        start = 0 if cursor is None else bisect.bisect_right(dids, cursor)
+        page = dids[start : start + limit]
+        entries: list[object] = [{"did": did} for did in page]
+        result: dict[str, object] = {"repos": entries}
+        if mode == "relay_repeat_cursor":
+            result["cursor"] = dids[min(limit, len(dids)) - 1] if dids else "repeat"
+        elif start + limit < len(dids):
+            result["cursor"] = page[-1]
+        if mode == "relay_junk_entries":
+            mixed: list[object] = []
+            for position, entry in enumerate(entries):
+                mixed += (RELAY_JUNK[position % len(RELAY_JUNK)], entry)
+            result["repos"] = mixed or list(RELAY_JUNK)
+        return json.dumps(result, separators=(",", ":")).encode()
