@@ -387,7 +387,6 @@ def test_ack_deletes_through_id_and_ids_are_never_reused(store: Store) -> None:
 def test_ack_of_more_than_a_chunk(store: Store) -> None:
     records = listed(*[(f"k{i:06d}", f"c{i}") for i in range(ACK_CHUNK + 5)])
     backfill_once(store, DID_A, records)
-    text, last = store.list_records_json(after=0, limit=1)
     assert store.ack_records(10**15) == ACK_CHUNK + 5
     assert store.queue_depth() == 0 and queue(store) == []
 
@@ -501,7 +500,7 @@ def test_one_verified_commit_per_account_per_run(store: Store) -> None:
 def test_counts_by_state_and_kind(store: Store) -> None:
     explicit(store, [DID_A, DID_B])
     store.create_run(mode="discover", collections=[COLL], dids=[], now=NOW)
-    [job] = claim(store, 1)
+    claim(store, 1)
     assert store.job_counts()["running"] == 1 and store.job_counts()["pending"] == 2
     assert (
         store.job_counts_by_kind()[("discover", "pending")]

@@ -105,7 +105,11 @@ def decide(
         return Abandon(error.message)
     if isinstance(error, StoreError) and error.code in DATABASE_UNAVAILABLE:
         return Reschedule(
-            now + policy.delay(1), "database", refund_attempt=True, error_code=error.code, last_error=error.message
+            now + policy.delay(1),
+            "database",
+            refund_attempt=True,
+            error_code=error.code,
+            last_error=error.message,
         )
     if isinstance(error, JobDeferred):
         return Reschedule(error.not_before, "deferred", refund_attempt=True, host=error.host)

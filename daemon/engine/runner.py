@@ -329,7 +329,9 @@ class Engine:
                 return
             except StoreError as exc:
                 if self.stopping:
-                    log.warning("outcome not written; the job is recovered at the next start", error=exc.message)
+                    log.warning(
+                        "outcome not written; the job is recovered at the next start", error=exc.message
+                    )
                     return
                 log.warning("cannot write the job's outcome yet", error_code=exc.code, error=exc.message)
                 await backoff.wait()

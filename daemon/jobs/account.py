@@ -77,9 +77,7 @@ async def repo_status(
     if body.get("active") is False:
         code = STATUS_CODES.get(status) if isinstance(status, str) else None
         reason = status if isinstance(status, str) else "inactive"
-        return AccountUnavailable(
-            f"the account is {reason[:50]} (getRepoStatus)", code=code or fallback.code
-        )
+        return AccountUnavailable(f"the account is {reason[:50]} (getRepoStatus)", code=code or fallback.code)
     raise ProtocolViolation(
         "the PDS lists no repo for the account, yet getRepoStatus calls it active", code=Code.BAD_RESPONSE
     )

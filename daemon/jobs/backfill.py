@@ -155,12 +155,18 @@ class BackfillHandler:
                         skipped, reasons = 0, ()
                     else:
                         raise ProtocolViolation(
-                            f"listRecords answered 404 after {pages} pages", code=Code.NOT_FOUND_MID_PAGINATION
+                            f"listRecords answered 404 after {pages} pages",
+                            code=Code.NOT_FOUND_MID_PAGINATION,
                         )
                 else:
                     if response.status == 400:
                         await unavailable_account(
-                            self._fetcher, self._resolver, job.did, pds, response, timeout=settings.page_timeout
+                            self._fetcher,
+                            self._resolver,
+                            job.did,
+                            pds,
+                            response,
+                            timeout=settings.page_timeout,
                         )
                     if not 200 <= response.status < 300:
                         raise UpstreamHTTPError(
@@ -173,7 +179,8 @@ class BackfillHandler:
                     next_cursor = page.cursor
                     if next_cursor is not None and next_cursor in seen:
                         raise ProtocolViolation(
-                            f"listRecords returned cursor {next_cursor[:100]!r} twice", code=Code.REPEATED_CURSOR
+                            f"listRecords returned cursor {next_cursor[:100]!r} twice",
+                            code=Code.REPEATED_CURSOR,
                         )
                     records, mismatched = await _checked_records(response, page.records)
                     skipped = page.skipped + mismatched
@@ -221,4 +228,3 @@ async def _checked_records(response: Response, refs: Sequence[RecordRef]) -> tup
             continue
         checked.append(ListedRecord(ref.rkey, ref.cid, msgspec.json.encode(value).decode()))
     return checked, mismatched
-

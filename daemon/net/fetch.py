@@ -244,7 +244,12 @@ class Fetcher:
         holder = self.budget.holder()
         try:
             limit = max_bytes or self._max_response_bytes
-            async with self._exchange(url, params, timeout, host_class, accept) as (status, headers, raw, where):
+            async with self._exchange(url, params, timeout, host_class, accept) as (
+                status,
+                headers,
+                raw,
+                where,
+            ):
                 body = await read_body(raw, headers=headers, limit=limit, where=where, holder=holder)
             yield Response(status, _header_map(headers), body, holder)
         finally:
@@ -316,7 +321,11 @@ class Fetcher:
                                 await response.aclose()
                         except httpcore.TimeoutException as exc:
                             raise UpstreamTimeout(f"GET {where}: {type(exc).__name__}: {exc}") from exc
-                        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol) as exc:
+                        except (
+                            httpcore.NetworkError,
+                            httpcore.ProtocolError,
+                            httpcore.UnsupportedProtocol,
+                        ) as exc:
                             raise UpstreamConnectError(f"GET {where}: {type(exc).__name__}: {exc}") from exc
                     if scope.cancelled_caught:
                         raise UpstreamTimeout(f"GET {where}: no complete response within {timeout:g} s")

@@ -35,7 +35,6 @@ from daemon.net.fetch import Fetcher
 from daemon.net.guard import AddressResolver
 from daemon.net.hosts import HostLimiter
 from daemon.process.sdnotify import Notifier
-from daemon.store.database import Database
 from daemon.store.open import open_database
 
 log = structlog.get_logger("backfilld")

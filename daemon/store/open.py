@@ -12,5 +12,7 @@ from daemon.store.sqlite import SqliteStore
 def open_database(database: Path | str) -> Database:
     """The database hop for ``daemon.database``; raises StartupError when it cannot be used."""
     if isinstance(database, str):
-        raise StartupError("PostgreSQL databases are not supported by this build", code=Code.DATABASE_UNUSABLE)
+        raise StartupError(
+            "PostgreSQL databases are not supported by this build", code=Code.DATABASE_UNUSABLE
+        )
     return SerialDatabase(SqliteStore.open(database))

@@ -229,4 +229,3 @@ class SqliteStore(Store):
             page.append(rendered)
             last = record_id
         return "[" + ",".join(page) + "]", last
-

@@ -717,11 +717,14 @@ class Store:
             requeued = 0
             runs: set[int] = set()
             for job_id, kind, did, collection in targets:
-                if kind == "backfill" and conn.execute(
-                    "SELECT 1 FROM jobs WHERE did = ? AND collection = ? AND kind = 'backfill' "
-                    "AND state IN ('pending', 'running')",
-                    (did, collection),
-                ).fetchone():
+                if (
+                    kind == "backfill"
+                    and conn.execute(
+                        "SELECT 1 FROM jobs WHERE did = ? AND collection = ? AND kind = 'backfill' "
+                        "AND state IN ('pending', 'running')",
+                        (did, collection),
+                    ).fetchone()
+                ):
                     continue
                 row = conn.execute(
                     "UPDATE jobs SET state = 'pending', attempts = 0, rate_limit_waits = 0, crashes = 0, "
@@ -752,7 +755,9 @@ class Store:
         with self._read() as conn:
             return self._depth(conn)
 
-    def list_records_json(self, *, after: int, limit: int, max_value_bytes: int = 8 << 20) -> tuple[str, int | None]:
+    def list_records_json(
+        self, *, after: int, limit: int, max_value_bytes: int = 8 << 20
+    ) -> tuple[str, int | None]:
         """Records with id > ``after`` as the JSON array of their public form, and the last id.
 
         The page ends early once its record values pass ``max_value_bytes`` (at least one record is
@@ -781,9 +786,7 @@ class Store:
     def get_publisher(self, did: str) -> Publisher | None:
         """The cached resolution of ``did``, or None."""
         with self._read() as conn:
-            row = conn.execute(
-                f"SELECT {_PUBLISHER_COLUMNS} FROM did_cache WHERE did = ?", (did,)
-            ).fetchone()
+            row = conn.execute(f"SELECT {_PUBLISHER_COLUMNS} FROM did_cache WHERE did = ?", (did,)).fetchone()
         return None if row is None else Publisher(*row)
 
     def touch_publisher(self, did: str, now: float) -> None:
@@ -808,7 +811,8 @@ class Store:
         """Cached DIDs > ``after``, in DID order."""
         with self._read() as conn:
             rows = conn.execute(
-                f"SELECT {_PUBLISHER_COLUMNS} FROM did_cache WHERE did > ? ORDER BY did LIMIT ?", (after, limit)
+                f"SELECT {_PUBLISHER_COLUMNS} FROM did_cache WHERE did > ? ORDER BY did LIMIT ?",
+                (after, limit),
             ).fetchall()
         return [Publisher(*r) for r in rows]
 
@@ -816,7 +820,8 @@ class Store:
         """The commit verified for ``did`` in this run, if any."""
         with self._read() as conn:
             row = conn.execute(
-                "SELECT commit_cid, data_cid, rev FROM run_commits WHERE run_id = ? AND did = ?", (run_id, did)
+                "SELECT commit_cid, data_cid, rev FROM run_commits WHERE run_id = ? AND did = ?",
+                (run_id, did),
             ).fetchone()
         return None if row is None else RunCommit(*row)
 
@@ -829,4 +834,3 @@ class Store:
                 "data_cid = excluded.data_cid, rev = excluded.rev",
                 (run_id, did, commit.commit_cid, commit.data_cid, commit.rev),
             )
-
