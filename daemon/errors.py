@@ -23,6 +23,7 @@ exception::
     │   │   │                         invalid_did, unsupported_did
     │   │   ├── AccountUnavailable    repo_not_found, repo_takendown, repo_suspended, repo_deactivated
     │   │   ├── BlockedAddress        blocked_address (non-global peer), insecure_url (http:// not allowed)
+    │   │   ├── InvalidSignature      invalid_signature (after a fresh resolution), invalid_key, no_signing_key
     │   │   └── LimitExceeded         too_many_pages: a retry would repeat it exactly; crash_loop: the job
     │   │                             was running at MAX_CRASH_RECOVERIES consecutive process deaths
     │   └── TransientJobError         retried with backoff until ``max_attempts``
@@ -30,7 +31,9 @@ exception::
     │       ├── UpstreamConnectError  connect_error
     │       ├── UpstreamHTTPError     http_status (5xx and other unexpected statuses)
     │       └── ProtocolViolation     bad_response, response_too_large, page_too_large, repeated_cursor,
-    │                                 not_found_mid_pagination, redirect
+    │                                 not_found_mid_pagination, redirect; and the verified-mode checks:
+    │                                 invalid_car, cid_mismatch, invalid_cbor, invalid_commit, invalid_mst,
+    │                                 block_missing, car_too_large (the pure protocol code raises these)
     └── JobSignal                     not a failure: the engine puts the job back without judging it
         ├── RateLimited               HTTP 429: the host pauses; the job waits without spending an attempt
         ├── JobDeferred               its host is paused or saturated: back to pending at no cost
@@ -90,6 +93,19 @@ class Code(StrEnum):
     TIMEOUT = "timeout"
     CONNECT_ERROR = "connect_error"
     HTTP_STATUS = "http_status"
+    # verified mode: a CAR, block, commit or MST that fails a check (transient: retried)
+    INVALID_CAR = "invalid_car"
+    CID_MISMATCH = "cid_mismatch"
+    INVALID_CBOR = "invalid_cbor"
+    INVALID_COMMIT = "invalid_commit"
+    INVALID_MST = "invalid_mst"
+    BLOCK_MISSING = "block_missing"
+    CAR_TOO_LARGE = "car_too_large"
+    INVALID_RECORD = "invalid_record"
+    # verified mode, permanent: the account's key cannot prove its commit
+    INVALID_SIGNATURE = "invalid_signature"
+    INVALID_KEY = "invalid_key"
+    NO_SIGNING_KEY = "no_signing_key"
     # protocol violations (transient)
     BAD_RESPONSE = "bad_response"
     RESPONSE_TOO_LARGE = "response_too_large"
@@ -197,6 +213,12 @@ class BlockedAddress(PermanentJobError):
     """The target URL or the peer address is not allowed (SSRF guard)."""
 
     code = Code.BLOCKED_ADDRESS
+
+
+class InvalidSignature(PermanentJobError):
+    """The account's signing key does not prove its commit, even after a fresh resolution (SPEC 6.1)."""
+
+    code = Code.INVALID_SIGNATURE
 
 
 class LimitExceeded(PermanentJobError):

@@ -22,10 +22,11 @@ The PDS service is the *first* entry of ``service`` whose ``id`` is ``#atproto_p
 (as the reference implementation picks it); that entry alone decides. Its ``serviceEndpoint`` must be an
 absolute ``http``/``https`` URL of printable ASCII with a host (a DNS name, IPv4 or bracketed IPv6 address),
 an optional port, an optional path, and no userinfo, query or fragment. It is normalised by lower-casing the
-scheme and host and stripping trailing slashes. The signing key is the ``publicKeyMultibase`` of the first
-``verificationMethod`` entry whose ``id`` is ``#atproto`` or ``<did>#atproto``; a missing or malformed one
-(not base58btc ``z...``, or over 256 characters) is ``None``, which is not an error: the key is recorded for
-the aggregator, not used here.
+scheme and host and stripping trailing slashes. The signing key is the first ``verificationMethod`` entry
+whose ``id`` is ``#atproto`` or ``<did>#atproto``: a ``Multikey`` (compressed secp256k1 or P-256) or a legacy
+``EcdsaSecp256k1VerificationKey2019`` / ``EcdsaSecp256r1VerificationKey2019`` key, normalised to its Multikey
+string; a missing, unsupported or malformed one is ``None``, which is not an error here (list mode needs no
+key; verified mode fails the account with ``no_signing_key``).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from daemon.atproto.keys import parse_verification_method
 from daemon.atproto.syntax import is_valid_did, is_valid_handle
-from daemon.errors import BlockedAddress, Code, IdentityError
+from daemon.errors import BlockedAddress, Code, IdentityError, ProtocolViolation
 
 PDS_SERVICE_TYPE = "AtprotoPersonalDataServer"
 MAX_ENDPOINT_LENGTH = 2048
@@ -53,7 +55,6 @@ _NETLOC_RE = re.compile(
     r"|\[[0-9A-Fa-f:.]+\])"
     r"(?::(?P<port>[0-9]{1,5}))?"
 )
-_MULTIBASE_KEY_RE = re.compile(r"z[1-9A-HJ-NP-Za-km-z]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +195,11 @@ def _normalise_endpoint(endpoint: str) -> str | None:
 
 
 def _signing_key(did: str, doc: dict[object, object]) -> tuple[str | None, str | None]:
+    """The ``#atproto`` key as a canonical Multikey string (legacy forms normalised), and its id.
+
+    A missing, unsupported or malformed key is (None, None): list mode needs no key, and verified mode
+    fails such an account with ``no_signing_key``.
+    """
     methods = doc.get("verificationMethod")
     if not isinstance(methods, list):
         return None, None
@@ -205,7 +211,11 @@ def _signing_key(did: str, doc: dict[object, object]) -> tuple[str | None, str |
         if not isinstance(key_id, str) or key_id not in wanted:
             continue
         key = method.get("publicKeyMultibase")
-        if isinstance(key, str) and len(key) <= MAX_SIGNING_KEY_LENGTH and _MULTIBASE_KEY_RE.fullmatch(key):
-            return key, key_id
-        return None, None
+        kind = method.get("type")
+        if not isinstance(key, str) or not isinstance(kind, str) or len(key) > MAX_SIGNING_KEY_LENGTH:
+            return None, None
+        try:
+            return parse_verification_method(kind, key).multikey(), key_id
+        except ProtocolViolation:
+            return None, None
     return None, None

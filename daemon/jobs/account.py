@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from daemon.atproto.diddoc import DidIdentity
 from daemon.errors import AccountUnavailable, Code, ProtocolViolation, UpstreamHTTPError
-from daemon.net.fetch import Fetcher, Response
+from daemon.jobs.resolver import Resolver
+from daemon.net.fetch import Fetcher, Response, origin_key
 
 GET_REPO_STATUS = "/xrpc/com.atproto.sync.getRepoStatus"
 
@@ -66,7 +68,7 @@ async def repo_status(
     named = account_error(response)
     if named is not None:
         return AccountUnavailable(f"getRepoStatus: {named[0].message}", code=named[0].code)
-    if response.status in (404, 501) or (response.status == 400 and _not_implemented(response)):
+    if response.status in (404, 501) or (response.status == 400 and not_implemented(response)):
         return fallback
     if not 200 <= response.status < 300:
         raise UpstreamHTTPError(f"getRepoStatus answered HTTP {response.status}", status=response.status)
@@ -83,9 +85,45 @@ async def repo_status(
     )
 
 
-def _not_implemented(response: Response) -> bool:
+def not_implemented(response: Response) -> bool:
+    """Whether a 400 says the PDS does not implement the method (old or minimal PDSes)."""
     try:
         body = response.json()
     except ProtocolViolation:
         return False
     return isinstance(body, dict) and body.get("error") in ("MethodNotImplemented", "XRPCNotSupported")
+
+
+class AccountMoved(Exception):
+    """The fresh DID document names another PDS: continue there."""
+
+    def __init__(self, identity: DidIdentity) -> None:
+        super().__init__(identity.pds)
+        self.identity = identity
+
+
+async def unavailable_account(
+    fetcher: Fetcher,
+    resolver: Resolver,
+    did: str,
+    pds: str,
+    response: Response,
+    *,
+    timeout: float,
+) -> None:
+    """If ``response`` says the account is not there, resolve the DID afresh and raise what is true.
+
+    Raises :class:`AccountMoved` when the account now lives on another PDS, else the
+    :class:`AccountUnavailable` that the PDS (or its getRepoStatus) names. Returns when the response is no
+    account error at all.
+    """
+    answer = account_error(response)
+    if answer is None:
+        return
+    error, named = answer
+    identity = await resolver.resolve(did, fresh=True)
+    if origin_key(identity.pds) != origin_key(pds):
+        raise AccountMoved(identity)
+    if named:
+        raise error
+    raise await repo_status(fetcher, pds, did, timeout=timeout, fallback=error)

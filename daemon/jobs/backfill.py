@@ -19,7 +19,6 @@ import msgspec
 import structlog
 
 from daemon.atproto.cbor import cid_for_record
-from daemon.atproto.diddoc import DidIdentity
 from daemon.atproto.pages import RecordRef, parse_list_records_page
 from daemon.engine.context import JobContext
 from daemon.errors import (
@@ -29,7 +28,7 @@ from daemon.errors import (
     SyntaxValidationError,
     UpstreamHTTPError,
 )
-from daemon.jobs.account import account_error, repo_status
+from daemon.jobs.account import AccountMoved, unavailable_account
 from daemon.jobs.resolver import Resolver
 from daemon.metrics import Metrics
 from daemon.net.budget import GENERIC_DECODE_FACTOR, TYPED_DECODE_FACTOR
@@ -50,41 +49,6 @@ class BackfillSettings:
     page_size: int
     page_timeout: float
     max_pages: int
-
-
-class AccountMoved(Exception):
-    """The fresh DID document names another PDS: continue there."""
-
-    def __init__(self, identity: DidIdentity) -> None:
-        super().__init__(identity.pds)
-        self.identity = identity
-
-
-async def unavailable_account(
-    fetcher: Fetcher,
-    resolver: Resolver,
-    did: str,
-    pds: str,
-    response: Response,
-    *,
-    timeout: float,
-) -> None:
-    """If ``response`` says the account is not there, resolve the DID afresh and raise what is true.
-
-    Raises :class:`AccountMoved` when the account now lives on another PDS, else the
-    :class:`AccountUnavailable` that the PDS (or its getRepoStatus) names. Returns when the response is no
-    account error at all.
-    """
-    answer = account_error(response)
-    if answer is None:
-        return
-    error, named = answer
-    identity = await resolver.resolve(did, fresh=True)
-    if origin_key(identity.pds) != origin_key(pds):
-        raise AccountMoved(identity)
-    if named:
-        raise error
-    raise await repo_status(fetcher, pds, did, timeout=timeout, fallback=error)
 
 
 class BackfillHandler:

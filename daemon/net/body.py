@@ -9,9 +9,9 @@ from daemon.errors import Code, ProtocolViolation
 from daemon.net.budget import BudgetHolder
 
 
-def too_large(where: str, limit: int) -> ProtocolViolation:
+def too_large(where: str, limit: int, code: Code = Code.RESPONSE_TOO_LARGE) -> ProtocolViolation:
     """The error for a body over its cap."""
-    return ProtocolViolation(f"GET {where}: response body over {limit} bytes", code=Code.RESPONSE_TOO_LARGE)
+    return ProtocolViolation(f"GET {where}: response body over {limit} bytes", code=code)
 
 
 def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -23,23 +23,28 @@ def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 
 async def decoded_chunks(
-    raw: AsyncIterable[bytes], *, headers: Sequence[tuple[bytes, bytes]], limit: int, where: str
+    raw: AsyncIterable[bytes],
+    *,
+    headers: Sequence[tuple[bytes, bytes]],
+    limit: int,
+    where: str,
+    too_large_code: Code = Code.RESPONSE_TOO_LARGE,
 ) -> AsyncGenerator[bytes, None]:
     """The body's chunks, gzip decoded, refused once either the wire bytes or the decoded bytes pass
     ``limit`` (a declared ``Content-Length`` over it is refused before anything is read)."""
     declared = header(headers, b"content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise too_large(where, limit)
+        raise too_large(where, limit, too_large_code)
     decoder = _decoder(header(headers, b"content-encoding"), where)
     received = size = 0
     async for chunk in raw:
         received += len(chunk)
         if received > limit:
-            raise too_large(where, limit)
+            raise too_large(where, limit, too_large_code)
         data = decoder.feed(chunk, limit - size) if decoder is not None else chunk
         size += len(data)
         if size > limit:
-            raise too_large(where, limit)
+            raise too_large(where, limit, too_large_code)
         if data:
             yield data
     if decoder is not None:

@@ -265,13 +265,18 @@ class Fetcher:
         host_class: str,
         max_bytes: int,
         accept: str = "application/vnd.ipld.car",
+        too_large_code: Code = Code.RESPONSE_TOO_LARGE,
     ) -> AsyncIterator[StreamedResponse]:
-        """GET ``url`` and hand over its body as it arrives (a CAR, say), capped at ``max_bytes``.
+        """GET ``url`` and hand over its body as it arrives (a CAR, say), capped at ``max_bytes``
+        (over it: ``ProtocolViolation(too_large_code)``).
 
         The host slot and the deadline cover the whole ``async with``: consume the body inside it.
         """
         async with self._exchange(url, params, timeout, host_class, accept) as (status, headers, raw, where):
-            async with aclosing(decoded_chunks(raw, headers=headers, limit=max_bytes, where=where)) as chunks:
+            body = decoded_chunks(
+                raw, headers=headers, limit=max_bytes, where=where, too_large_code=too_large_code
+            )
+            async with aclosing(body) as chunks:
                 yield StreamedResponse(status, _header_map(headers), chunks)
 
     async def aclose(self) -> None:

@@ -30,6 +30,7 @@ from daemon.engine.runner import Engine, EngineSettings, JobHandler
 from daemon.jobs.backfill import BackfillHandler, BackfillSettings
 from daemon.jobs.discovery import DiscoverHandler, DiscoverySettings
 from daemon.jobs.resolver import Resolver, ResolverSettings
+from daemon.jobs.verified import VerifiedHandler, VerifiedSettings
 from daemon.metrics import Metrics
 from daemon.net.fetch import Fetcher
 from daemon.net.guard import AddressResolver
@@ -99,17 +100,7 @@ class Daemon:
                 self.metrics,
                 ordered=config.sync.ordered_collections,
             ),
-            "backfill": BackfillHandler(
-                self.db,
-                self.fetcher,
-                resolver,
-                BackfillSettings(
-                    page_size=limits.page_size,
-                    page_timeout=limits.page_timeout,
-                    max_pages=limits.max_pages_per_collection,
-                ),
-                self.metrics,
-            ),
+            "backfill": self._backfill_handler(resolver),
         }
         self.engine = Engine(
             self.db,
@@ -133,6 +124,33 @@ class Daemon:
         self._stop_requested = trio.Event()
         self._admin_closed = trio.Event()
         self.listening: list[str] = []
+
+    def _backfill_handler(self, resolver: Resolver) -> JobHandler:
+        """The backfill job of ``sync.mode``: verified (SPEC 6.2) or list (6.3)."""
+        limits, sync = self.config.limits, self.config.sync
+        if sync.mode == "verified":
+            return VerifiedHandler(
+                self.db,
+                self.fetcher,
+                resolver,
+                VerifiedSettings(
+                    page_timeout=limits.page_timeout,
+                    get_blocks_batch=sync.get_blocks_batch,
+                    max_car_bytes=sync.max_car_bytes,
+                ),
+                self.metrics,
+            )
+        return BackfillHandler(
+            self.db,
+            self.fetcher,
+            resolver,
+            BackfillSettings(
+                page_size=limits.page_size,
+                page_timeout=limits.page_timeout,
+                max_pages=limits.max_pages_per_collection,
+            ),
+            self.metrics,
+        )
 
     def paused_hosts(self) -> dict[str, float]:
         return {s.host: s.paused_until for s in self.hosts.snapshot() if s.paused_until is not None}

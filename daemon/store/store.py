@@ -678,6 +678,15 @@ class Store:
                 counts[state] = int(n)
         return counts
 
+    def daemons_holding_leases(self) -> list[tuple[str, int]]:
+        """The daemons that hold running jobs' leases, with how many each: ``(owner, jobs)`` by owner."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT lease_owner, count(*) FROM jobs WHERE state = 'running' AND lease_owner IS NOT NULL "
+                "GROUP BY lease_owner ORDER BY lease_owner"
+            ).fetchall()
+        return [(str(owner), int(n)) for owner, n in rows]
+
     def job_counts_by_kind(self) -> dict[tuple[str, str], int]:
         """Jobs by (kind, state)."""
         with self._read() as conn:
