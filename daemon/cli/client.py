@@ -155,13 +155,18 @@ class AdminClient:
         """``GET /_admin/status``."""
         return self._call("GET", "/_admin/status")
 
-    def backfill(self, *, dids: Sequence[str] = (), collections: Sequence[str] = ()) -> dict[str, Any]:
-        """``POST /_admin/backfill``: explicit mode with ``dids``, else discover; maybe fewer collections."""
+    def backfill(
+        self, *, dids: Sequence[str] = (), collections: Sequence[str] = (), full: bool = False
+    ) -> dict[str, Any]:
+        """``POST /_admin/backfill``: explicit mode with ``dids``, else discover; maybe fewer collections;
+        ``full`` writes a create for every record found, whatever was delivered before."""
         body: dict[str, Any] = {}
         if dids:
             body["dids"] = list(dids)
         if collections:
             body["collections"] = list(collections)
+        if full:
+            body["full"] = True
         return self._call("POST", "/_admin/backfill", body=body)
 
     def run(self, run_id: int) -> dict[str, Any]:

@@ -37,33 +37,64 @@ from daemon.store.models import JOB_STATES
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon until a signal stops it.
+
+    Logging is configured before the daemon's modules are imported, so that even their import-time
+    warnings come out as log events. A start-up failure (the database or the admin address cannot be used)
+    is one line on stderr, exit status 1: a JSON log event with ``log_format = "json"``, else
+    ``backfilld: <message>``. Anything else that ends the process early is logged with its traceback
+    (rendered into the event) and exits 1.
+    """
+    from daemon.process.logsetup import configure_logging
+
+    config = load(args)  # an invalid config is reported by main(), before the log format is known
+    chosen = configure_logging(config.daemon.log_format, config.daemon.log_level, process_errors=True)
+
     # The daemon's imports (trio, structlog, the app) are a quarter second the client commands never need.
     import structlog
     import trio
 
     from daemon.process.daemon import Daemon, run_until_signalled
-    from daemon.process.logsetup import configure_logging
 
-    config = load(args)
-    configure_logging(config.daemon.log_format, config.daemon.log_level)
     log = structlog.get_logger("backfilld")
+
+    def cannot_start(code: str, message: str) -> int:
+        if chosen == "json":
+            log.error("cannot start", error_code=code, error=message)
+        else:
+            print(f"backfilld: {message}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+
     try:
         daemon = Daemon(config)
     except BackfillError as exc:
-        log.error("cannot start", error_code=exc.code, error=exc.message)
-        print(f"backfilld: {exc.message}", file=sys.stderr)
-        return EXIT_FAILED
-    failed: list[BaseException] = []
+        return cannot_start(exc.code, " ".join(exc.message.split()))
+    except OSError as exc:
+        return cannot_start(Code.DATABASE_UNUSABLE, f"cannot start: {exc}")
     try:
         trio.run(run_until_signalled, daemon)
-    except* OSError as group:
-        # Binding the admin address is the one start-up step that fails this way (port taken, no permission).
-        failed.extend(group.exceptions)
-    if failed:
-        log.error("cannot start", error_code=Code.ADMIN_LISTEN_FAILED, error=str(failed[0]))
-        print(f"backfilld: cannot listen on {config.admin.listen}: {failed[0]}", file=sys.stderr)
+    except Exception as exc:  # the process's last word on anything that escaped
+        unbound = _listen_error(exc) if not daemon.listening else None
+        if unbound is not None:
+            # Binding the admin address is the one start-up step that fails this way (port taken, no
+            # permission).
+            return cannot_start(
+                Code.ADMIN_LISTEN_FAILED, f"cannot listen on {config.admin.listen}: {unbound}"
+            )
+        log.critical("backfilld crashed", exc_info=exc)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _listen_error(exc: BaseException) -> OSError | None:
+    """The OSError in ``exc`` (maybe inside exception groups), if that is all it holds."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(OSError)
+        if matched is not None and rest is None:
+            return _listen_error(matched.exceptions[0])
+    return None
 
 
 def _plain(value: object) -> object:
@@ -119,7 +150,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         if not dids:
             args.usage_error(f"--dids-file {args.dids_file} holds no DIDs")
     with open_client(args) as client:
-        started = client.backfill(dids=dids, collections=args.collections)
+        started = client.backfill(dids=dids, collections=args.collections, full=args.full)
         run_id = int(started["run_id"])
         if not args.wait:
             if args.json:

@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this configured collection (repeatable; default: all configured collections)",
     )
     backfill.add_argument(
+        "--full",
+        action="store_true",
+        help="write a create for every record found, even unchanged ones (for a consumer that lost its "
+        "data); records gone are still deleted",
+    )
+    backfill.add_argument(
         "--wait",
         action="store_true",
         help="show progress until the run finishes; exit 1 if any job failed",

@@ -189,6 +189,13 @@ def render_final(run: Mapping[str, Any], elapsed: float) -> list[str]:
         f"{s.cancelled:,} cancelled of {plural(s.total, 'job')}; {plural(s.records, 'record')} enqueued from "
         f"{plural(s.dids, 'DID')}"
     ]
+    operations = run.get("operations")
+    if isinstance(operations, Mapping):
+        counts = ", ".join(f"{_int(operations.get(op)):,} {op}" for op in ("create", "update", "delete"))
+        lines.append(f"changes written: {counts}")
+    replay = run.get("replay_from_us")
+    if isinstance(replay, int):
+        lines.append(f"live stream handoff: start Jetstream at cursor={replay} (or earlier)")
     discovery = run.get("discovery")
     if isinstance(discovery, Mapping):
         for nsid, entry in discovery.items():
