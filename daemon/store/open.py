@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.errors import Code, StartupError
 from daemon.store.database import Database, SerialDatabase
+from daemon.store.pooled import PooledDatabase
+from daemon.store.postgres import PostgresStore
 from daemon.store.sqlite import SqliteStore
 
 
 def open_database(database: Path | str) -> Database:
-    """The database hop for ``daemon.database``; raises StartupError when it cannot be used."""
+    """The database hop for ``daemon.database``; raises StartupError when it cannot be used.
+
+    A path is a SQLite database (one serialised connection, group commit, the instance lock); a
+    ``postgresql://`` URL (the config keeps it as a string) is a PostgreSQL database shared by any number
+    of daemons (a connection pool, one worker thread per call).
+    """
     if isinstance(database, str):
-        raise StartupError(
-            "PostgreSQL databases are not supported by this build", code=Code.DATABASE_UNUSABLE
-        )
+        return PooledDatabase(PostgresStore.open(database))
     return SerialDatabase(SqliteStore.open(database))
