@@ -11,12 +11,17 @@ Request checks run in this order, each answering in the SPEC's JSON error shape:
    chunked uploads);
 5. the endpoint's own validation: 400 with the message from :mod:`daemon.admin.requests`.
 
+A route whose store call fails (the database locked past its busy timeout, full, an I/O error) answers
+``503 {"error": "DatabaseUnavailable", "message": <what failed>}``: the request may be retried, and the
+daemon goes on. Anything else unexpected is a 500 with the traceback in the log.
+
 Bodies are parsed by pure functions; the routes (:mod:`daemon.admin.routes`, one module per resource) only
 move bytes, call the store through the serialised database hop, and shape JSON.
 """
 
 from __future__ import annotations
 
+import structlog
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
@@ -24,7 +29,9 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, Reque
 from daemon.admin.host import AdminHost
 from daemon.admin.responses import MAX_BODY_BYTES, bearer_token_matches, error_response, too_large
 from daemon.admin.routes import health, jobs, publishers, records, runs, status
-from daemon.errors import RequestValidationError
+from daemon.errors import RequestValidationError, StoreError
+
+log = structlog.get_logger("backfilld.admin")
 
 
 def create_app(host: AdminHost) -> QuartTrio:
@@ -60,6 +67,17 @@ def create_app(host: AdminHost) -> QuartTrio:
     async def entity_too_large(exc: RequestEntityTooLarge) -> Response:
         return too_large()
 
+    @app.errorhandler(StoreError)
+    async def database_unavailable(exc: StoreError) -> Response:
+        log.warning(
+            "admin request failed: database failing",
+            method=request.method,
+            path=request.path,
+            error_code=exc.code,
+            error=exc.message,
+        )
+        return error_response(503, "DatabaseUnavailable", exc.message)
+
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
@@ -68,7 +86,8 @@ def create_app(host: AdminHost) -> QuartTrio:
 
     @app.errorhandler(Exception)
     async def crashed(exc: Exception) -> Response:
-        app.logger.exception("admin request failed")
+        # through stdlib logging (quart's app logger), rendered by structlog like every other record
+        app.logger.exception("admin request crashed: %s %s", request.method, request.path)
         return error_response(500, "InternalServerError", "internal server error")
 
     for routes in (health, status, runs, jobs, records, publishers):

@@ -31,3 +31,7 @@ class AdminHost(Protocol):
     def hosts_paused_count(self) -> int:
         """How many hosts are paused now (a 429)."""
         ...
+
+    async def database_answers(self) -> bool:
+        """True when the database answered a ping within a second, however long its calls wait."""
+        ...

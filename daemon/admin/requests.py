@@ -11,6 +11,7 @@ The ``POST /_admin/backfill`` messages are the seed's, word for word. Decisions 
 - ``collections`` must be a non-empty array of configured NSIDs; de-duplicated, first seen wins.
 - Integers must be JSON integers (``true`` is not ``1``, ``1.0`` is not ``1``) and fit a signed 64-bit
   integer (SQLite's).
+- An id in a URL path (``/_admin/runs/<id>``) past that range names nothing: 404, like any unknown id.
 - In query strings an empty value (``?state=``) is the same as an absent parameter, so that a client may fill
   a fixed template; integers there are plain ASCII digits (no sign, spaces or underscores).
 """
@@ -86,6 +87,11 @@ class JobsQuery:
     run_id: int | None
     after: int
     limit: int
+
+
+def is_row_id(value: int) -> bool:
+    """Whether ``value`` (an id taken from a URL path) can name a row: positive and within int64."""
+    return 1 <= value <= MAX_INT64
 
 
 def parse_backfill_request(

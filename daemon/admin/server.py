@@ -15,11 +15,15 @@ from quart_trio import QuartTrio
 
 
 def hypercorn_config(listen: str) -> HypercornConfig:
-    """A hypercorn config for ``listen`` (``HOST:PORT`` or ``unix:PATH``), logging through stdlib logging."""
+    """A hypercorn config for ``listen`` (``HOST:PORT`` or ``unix:PATH``), logging through stdlib logging.
+
+    Its error log is the ``hypercorn.error`` logger, which the root handler renders through structlog
+    (:mod:`daemon.process.logsetup`) at WARNING and above: its "Running on ..." would repeat "backfilld ready".
+    """
     config = HypercornConfig()
     config.bind = [listen]
     config.accesslog = None
-    config.errorlog = logging.getLogger("backfilld.admin.server")
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 5.0
     config.keep_alive_timeout = 5.0
     config.include_server_header = False

@@ -108,6 +108,9 @@ def parse_list_records_page(
         raise ProtocolViolation(f"listRecords body does not have the expected shape: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ProtocolViolation(f"listRecords body is not valid JSON: {exc}") from None
+    except RecursionError:
+        # msgspec refuses nesting deeper than ~1000 levels (even inside a skipped ``value``) this way
+        raise ProtocolViolation("listRecords body is nested too deeply to decode") from None
     cursor = _checked_cursor(page.cursor, "listRecords")
     if len(page.records) > page_size:
         raise ProtocolViolation(

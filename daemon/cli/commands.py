@@ -29,7 +29,7 @@ from daemon.cli.output import (
 )
 from daemon.cli.progress import ProgressDisplay, format_duration, plural, run_elapsed
 from daemon.cli.runs import Outage, describe_started, failed_by_code, iter_jobs, wait_for_run
-from daemon.config import CONFIG_ENV, config_path, load_config
+from daemon.config import CONFIG_ENV, SECTIONS, config_path, load_config
 from daemon.errors import BackfillError, Code
 from daemon.store.models import JOB_STATES
 
@@ -97,9 +97,11 @@ def _listen_error(exc: BaseException) -> OSError | None:
     return None
 
 
-def _plain(value: object) -> object:
+def _plain(value: object, redact: Callable[[str], str]) -> object:
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, str) and value.startswith(("postgresql://", "postgres://")):
+        return redact(value)
     if isinstance(value, tuple):
         return list(value)
     return value
@@ -107,19 +109,29 @@ def _plain(value: object) -> object:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load(args)
-    sections = ("daemon", "admin", "atproto", "limits", "retry", "network")
+    sections = SECTIONS
+    # a PostgreSQL URL must also reach its server, with a schema this backfilld reads (imported here:
+    # the database drivers are time the other client commands never need)
+    from daemon.store.open import check_database
+    from daemon.store.postgres import redact
+
+    reached = check_database(config.daemon.database)
     if args.json:
         settings: dict[str, object] = {"path": str(config.path)}
         for section in sections:
             values = getattr(config, section)
-            settings[section] = {name: _plain(getattr(values, name)) for name in values.__dataclass_fields__}
+            settings[section] = {
+                name: _plain(getattr(values, name), redact) for name in values.__dataclass_fields__
+            }
         print_json(settings)
         return EXIT_OK
     print(f"{config.path}: OK")
+    if reached is not None:
+        print(f"  database: {reached}")
     for section in sections:
         values = getattr(config, section)
         for name in values.__dataclass_fields__:
-            print(f"  {section}.{name} = {_plain(getattr(values, name))!r}")
+            print(f"  {section}.{name} = {_plain(getattr(values, name), redact)!r}")
     return EXIT_OK
 
 

@@ -111,6 +111,8 @@ def expectation_limits(config: Config) -> DaemonLimits:
         max_pages_per_collection=config.limits.max_pages_per_collection,
         max_response_bytes=config.limits.max_response_bytes,
         allow_private_addresses=config.network.allow_private_addresses,
+        mode=config.sync.mode,
+        max_car_bytes=config.sync.max_car_bytes,
     )
 
 

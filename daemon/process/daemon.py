@@ -6,7 +6,14 @@ the engine, start the admin server (``nursery.start``: ready means listening), t
 Shutdown on the first SIGTERM/SIGINT: STOPPING, the admin server stops accepting, the engine stops
 claiming and running jobs stop after their current page; after ``shutdown_grace`` seconds whatever still
 runs is cancelled (its job is pending again at the next start). A second signal cancels at once. The
-database is checkpointed and closed either way, and the process exits 0.
+database is checkpointed and closed either way, and the process exits 0. Closing has a deadline
+(:data:`FETCHER_CLOSE_TIMEOUT`, :data:`DATABASE_CLOSE_TIMEOUT`): a close that hangs is logged and given up,
+so that a hanging disk cannot keep a stopping daemon alive (the WAL keeps every committed transaction; the
+next start checkpoints it).
+
+A failing database never ends the process (SPEC 7): the engine retries, the admin routes answer 503, and
+the watchdog keeps telling systemd that the process is alive (it is: only the database is not), its
+STATUS line saying that the database fails.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -27,6 +34,7 @@ from daemon.admin.token import load_admin_token
 from daemon.config import Config
 from daemon.engine.backoff import RetryPolicy
 from daemon.engine.runner import Engine, EngineSettings, JobHandler
+from daemon.errors import StoreError
 from daemon.jobs.backfill import BackfillHandler, BackfillSettings
 from daemon.jobs.discovery import DiscoverHandler, DiscoverySettings
 from daemon.jobs.resolver import Resolver, ResolverSettings
@@ -35,10 +43,17 @@ from daemon.metrics import Metrics
 from daemon.net.fetch import Fetcher
 from daemon.net.guard import AddressResolver
 from daemon.net.hosts import HostLimiter
+from daemon.process.health import PING_TIMEOUT, DatabaseProbe
 from daemon.process.sdnotify import Notifier
 from daemon.store.open import open_database
+from daemon.store.postgres import redact
 
 log = structlog.get_logger("backfilld")
+
+# How long the shielded close at shutdown may take, per resource, before it is given up (the unit's
+# TimeoutStopSec must cover shutdown_grace plus both).
+FETCHER_CLOSE_TIMEOUT = 5.0
+DATABASE_CLOSE_TIMEOUT = 10.0
 
 
 class Daemon:
@@ -121,9 +136,16 @@ class Daemon:
             wall_clock=wall_clock,
             paused_hosts=self.paused_hosts,
         )
+        self.probe = DatabaseProbe(self.db)
+        self._queue_depth: int | None = None
+        self._depth_asked: float | None = None
         self._stop_requested = trio.Event()
         self._admin_closed = trio.Event()
         self.listening: list[str] = []
+
+    async def database_answers(self) -> bool:
+        """True when the database answered a ping within a second (``/healthz``)."""
+        return await self.probe.answers()
 
     def _backfill_handler(self, resolver: Resolver) -> JobHandler:
         """The backfill job of ``sync.mode``: verified (SPEC 6.2) or list (6.3)."""
@@ -186,6 +208,7 @@ class Daemon:
         grace = self.config.daemon.shutdown_grace
         try:
             async with trio.open_nursery() as nursery:
+                self.probe.attach(nursery)
                 engine_scope = trio.CancelScope()
                 engine_done = trio.Event()
 
@@ -209,7 +232,7 @@ class Daemon:
                     version=__version__,
                     admin=self.listening,
                     workers=self.config.daemon.workers,
-                    database=str(self.config.daemon.database),
+                    database=redact(str(self.config.daemon.database)),
                     admin_auth="token" if self.admin_token else "disabled",
                 )
                 task_status.started(self.listening)
@@ -225,20 +248,67 @@ class Daemon:
                     engine_scope.cancel()
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
-                await self.fetcher.aclose()
-                await self.db.aclose()
-            log.info("backfilld stopped")
+            self.probe.attach(None)
+            await close_within(
+                ("fetcher", self.fetcher.aclose, FETCHER_CLOSE_TIMEOUT),
+                ("database", self.db.aclose, DATABASE_CLOSE_TIMEOUT),
+            )
+            if self.listening:  # else it never started, and the caller reports why in one line
+                log.info("backfilld stopped")
 
     async def _watchdog(self, interval: float) -> None:
+        """``WATCHDOG=1`` every ``interval`` while the event loop runs, whatever the database does.
+
+        The STATUS line comes from what is known without waiting on the database: ``db.failing``, and a
+        queue depth a separate task refreshes (and whether that refresh is stuck behind a hung call).
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._refresh_queue_depth, interval)
+            while True:
+                self.notifier.notify(WATCHDOG="1", STATUS=self.status_line())
+                await trio.sleep(interval)
+
+    async def _refresh_queue_depth(self, interval: float) -> None:
         while True:
-            if self.engine.running and await self.db.run(self.db.store.ping):
-                depth = await self.db.run(self.db.store.queue_depth)
-                busy, total = self.engine.busy, self.config.daemon.workers
-                self.notifier.notify(
-                    WATCHDOG="1", STATUS=f"{busy}/{total} workers busy; {depth} records queued"
-                )
+            self._depth_asked = trio.current_time()
+            try:
+                self._queue_depth = await self.db.run(self.db.store.queue_depth)
+            except StoreError:
+                pass  # db.failing says why; the STATUS line shows it
+            finally:
+                self._depth_asked = None
             await trio.sleep(interval)
+
+    def status_line(self) -> str:
+        """The systemd STATUS text: workers and queue depth, or why the database is not answering."""
+        failing = self.db.failing
+        if failing is not None:
+            return f"database failing ({failing.code}): {failing.message}; retrying"
+        asked = self._depth_asked
+        if asked is not None and trio.current_time() - asked > PING_TIMEOUT:
+            return "database not answering; waiting"
+        busy, total = self.engine.busy, self.config.daemon.workers
+        depth = "?" if self._queue_depth is None else str(self._queue_depth)
+        return f"{busy}/{total} workers busy; {depth} records queued"
+
+
+async def close_within(*closers: tuple[str, Callable[[], Awaitable[None]], float]) -> bool:
+    """Run each ``(name, aclose, timeout)`` in turn, shielded from cancellation but given up after its
+    ``timeout`` seconds (logged); an error is logged too and does not stop the next close. True when every
+    close finished cleanly."""
+    clean = True
+    for name, aclose, timeout in closers:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + timeout
+            try:
+                await aclose()
+            except Exception:
+                clean = False
+                log.exception("shutdown: closing failed", resource=name)
+        if scope.cancelled_caught:
+            clean = False
+            log.error("shutdown: closing timed out; giving up", resource=name, timeout=timeout)
+    return clean
 
 
 async def run_until_signalled(daemon: Daemon) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from daemon.store.database import Database, SerialDatabase
 from daemon.store.pooled import PooledDatabase
-from daemon.store.postgres import PostgresStore
+from daemon.store.postgres import PostgresStore, redact
 from daemon.store.sqlite import SqliteStore
 
 
@@ -20,3 +20,13 @@ def open_database(database: Path | str) -> Database:
     if isinstance(database, str):
         return PooledDatabase(PostgresStore.open(database))
     return SerialDatabase(SqliteStore.open(database))
+
+
+def check_database(database: Path | str) -> str | None:
+    """For ``backfilld check-config``: reach a PostgreSQL database and read its schema version, changing
+    nothing; a description of what was found, or None for a SQLite path (opening it would take the
+    instance lock of a running daemon). Raises StartupError as :func:`open_database` would."""
+    if isinstance(database, str):
+        version = PostgresStore.check(database)
+        return f"reached {redact(database)} (schema version {version}{', not yet created' if not version else ''})"
+    return None

@@ -302,6 +302,30 @@ class PostgresStore(Store):
             raise
         return store
 
+    @classmethod
+    def check(cls, url: str) -> int:
+        """Connect to ``url`` and read its schema version, changing nothing (``backfilld check-config``).
+
+        Raises StartupError as :meth:`open` does: unreachable, refused, or a schema newer than this one.
+        """
+        try:
+            store = cls(url, pool_size=1)
+            try:
+                version = store.schema_version()
+            finally:
+                store.close()
+        except (psycopg.Error, StoreError) as exc:
+            raise StartupError(
+                f"cannot use the database {redact(url)}: {_one_line(exc)}", code=Code.DATABASE_UNUSABLE
+            ) from None
+        if version > SCHEMA_VERSION:
+            raise StartupError(
+                f"database schema version {version} is newer than this backfilld understands "
+                f"({SCHEMA_VERSION}); upgrade backfilld",
+                code=Code.SCHEMA_TOO_NEW,
+            )
+        return version
+
     def close(self) -> None:
         """Close the pool's connections."""
         self._pool.close()

@@ -6,7 +6,7 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from daemon.admin.host import AdminHost
-from daemon.admin.requests import parse_backfill_request, parse_page_query
+from daemon.admin.requests import is_row_id, parse_backfill_request, parse_page_query
 from daemon.admin.responses import error_response, request_body
 
 
@@ -54,13 +54,16 @@ def register(app: QuartTrio, host: AdminHost) -> None:
 
     @app.get("/_admin/runs/<int:run_id>")
     async def run_detail(run_id: int) -> Response:
-        found = await run_db(store.get_run, run_id)
+        # an id past SQLite's integer range names no run (and would not fit a query parameter)
+        found = await run_db(store.get_run, run_id) if is_row_id(run_id) else None
         if found is None:
             return error_response(404, "RunNotFound", f"no run with id {run_id}")
         return jsonify(found.public())
 
     @app.post("/_admin/runs/<int:run_id>/cancel")
     async def run_cancel(run_id: int) -> Response:
+        if not is_row_id(run_id):
+            return error_response(404, "RunNotFound", f"no run with id {run_id}")
         changed = await run_db(store.cancel_run, run_id, host.wall_clock())
         if changed is None:
             return error_response(404, "RunNotFound", f"no run with id {run_id}")

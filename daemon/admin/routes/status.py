@@ -1,4 +1,9 @@
-"""``GET /_admin/status``: version, uptime, workers, jobs by state, queue depth, hosts."""
+"""``GET /_admin/status``: version, uptime, workers, jobs by state, queue depth, hosts, lease holders.
+
+``daemons`` lists the daemons that hold leases on running jobs (SPEC 10: on PostgreSQL the whole
+cluster's; on SQLite at most this one), ``{"owner", "jobs_running", "this"}`` by owner, ``this`` marking
+the daemon that answers (whose ``owner`` is also given at the top level). ``hosts`` is this daemon's own.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ def register(app: QuartTrio, host: AdminHost) -> None:
 
     @app.get("/_admin/status")
     async def status() -> Response:
+        me = host.engine.owner
+        holders = await run_db(store.daemons_holding_leases)
         return jsonify(
             {
                 "version": __version__,
@@ -28,6 +35,10 @@ def register(app: QuartTrio, host: AdminHost) -> None:
                     "max": host.config.daemon.max_records_queue,
                 },
                 "hosts": host.host_status(),
+                "owner": me,
+                "daemons": [
+                    {"owner": owner, "jobs_running": jobs, "this": owner == me} for owner, jobs in holders
+                ],
                 "stopping": host.engine.stopping,
             }
         )
