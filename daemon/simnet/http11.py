@@ -36,7 +36,8 @@ class OriginStats:
     """What one origin has served since it started or was last reset.
 
     ``seen`` holds ``(path, query)`` per request when the origin records requests, ``timestamps`` the
-    ``trio.current_time()`` at which each request arrived; ``in_flight`` counts requests received and not
+    ``trio.current_time()`` at which each request arrived, ``clients`` the requests per client address;
+``in_flight`` counts requests received and not
     yet fully answered (or abandoned), ``peak_in_flight`` its maximum. ``rate_limited`` counts the 429s a
     host's own rate limit (``HostOptions.rate_limit``) sent, apart from those of the 429 hostile modes.
     """
@@ -50,6 +51,7 @@ class OriginStats:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.rate_limited = 0
+        self.clients: Counter[str] = Counter()
 
     def reset(self) -> None:
         """Forget everything counted so far (requests still in flight stay counted as in flight)."""
@@ -59,14 +61,16 @@ class OriginStats:
         self.statuses = Counter()
         self.peak_in_flight = self.in_flight
         self.rate_limited = 0
+        self.clients = Counter()
 
     def count_rate_limited(self) -> None:
         """Count one 429 sent by the host's own rate limit."""
         self.rate_limited += 1
 
-    def started(self, path: str, query: str, now: float) -> None:
-        """Count a request that has just arrived."""
+    def started(self, path: str, query: str, now: float, client: str = "") -> None:
+        """Count a request that has just arrived (from the ``client`` address)."""
         self.requests += 1
+        self.clients[client] += 1
         if self.record_requests:
             self.seen.append((path, query))
         self.timestamps.append(now)
@@ -104,6 +108,7 @@ class OriginStats:
             "peak_rate_1s": self.peak_rate(),
             "statuses": {str(status): count for status, count in sorted(self.statuses.items())},
             "rate_limited": self.rate_limited,
+            "clients": dict(sorted(self.clients.items())),
         }
         if timestamps:
             result["timestamps"] = list(self.timestamps)
@@ -185,7 +190,7 @@ async def _answer(
     """Carry out the action for the request; False when the connection must close afterwards."""
     path, _, query = target.partition("?")
     stats = origin.stats
-    stats.started(path, query, trio.current_time())
+    stats.started(path, query, trio.current_time(), client)
     status: int | None = None
     try:
         action: Action
