@@ -108,6 +108,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {
+        "hostname": platform.node(),
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "python": platform.python_version(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,10 +21,37 @@ from typing import Any
 
 import httpx
 
-from tests.daemonproc import free_port, write_config
-
 TOKEN = "bench-token-0123456789abcdef"
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(value: object) -> str:
+    """``value`` as a TOML value (the few types a bench config uses)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:
+    """Write ``sections`` as a TOML file at ``path``."""
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float) -> int:
@@ -38,7 +66,12 @@ def _stop(proc: subprocess.Popen[bytes], grace: float) -> int:
 
 
 class SimnetProcess:
-    """``python -m daemon.simnet`` in its own process; ``urls`` is what it wrote to its port file."""
+    """``python -m daemon.simnet`` in its own process; ``urls`` is what it wrote to its port file.
+
+    ``module`` is what runs (``bench.hostile`` for a network with parametrised hostile accounts, which takes
+    the same options and ``extra_args`` of its own); ``repo_cache_mib`` sizes the cache of signed repos
+    (verified mode), ``page_cache_mib`` the cache of rendered listRecords pages.
+    """
 
     def __init__(
         self,
@@ -51,6 +84,9 @@ class SimnetProcess:
         latency: float = 0.0,
         plc_latency: float = 0.0,
         page_cache_mib: int = 64,
+        repo_cache_mib: int = 256,
+        extra_args: Sequence[str] = (),
+        module: str = "daemon.simnet",
     ) -> None:
         self.workdir = workdir
         self.port_file = workdir / "simnet.json"
@@ -70,9 +106,13 @@ class SimnetProcess:
             repr(plc_latency),
             "--page-cache-mib",
             str(page_cache_mib),
+            "--repo-cache-mib",
+            str(repo_cache_mib),
             "--port-file",
             str(self.port_file),
+            *extra_args,
         ]
+        self.module = module
         self.proc: subprocess.Popen[bytes] | None = None
         self.urls: dict[str, Any] = {}
 
@@ -81,7 +121,7 @@ class SimnetProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon.simnet", *self.args],
+                [sys.executable, "-m", self.module, *self.args],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -119,14 +159,29 @@ class SimnetProcess:
         stats = self.control("/stats")
         return sum(int(stats[url]["requests"]) for url in self.urls["pds_urls"])
 
-    def request_counts(self) -> dict[str, int]:
-        """Requests served since the last reset, by origin kind (relay, plc, pds)."""
+    def request_counts(self) -> dict[str, Any]:
+        """Requests served since the last reset, by origin kind (relay, plc, pds), and the PDS hosts'
+        answers by status (``pds_statuses``)."""
         stats = self.control("/stats")
+        statuses: dict[str, int] = {}
+        for url in self.urls["pds_urls"]:
+            for status, count in stats[url]["statuses"].items():
+                statuses[status] = statuses.get(status, 0) + int(count)
         return {
             "relay": int(stats[self.urls["relay_url"]]["requests"]),
             "plc": int(stats[self.urls["plc_url"]]["requests"]),
             "pds": sum(int(stats[url]["requests"]) for url in self.urls["pds_urls"]),
+            "pds_statuses": dict(sorted(statuses.items())),
         }
+
+    def repos(self) -> dict[str, Any]:
+        """The network's repo build counters (``GET /repos``): builds cost the network CPU."""
+        return self.control("/repos")
+
+    def expected(self, **limits: object) -> dict[str, Any]:
+        """What a correct daemon ends up with under ``limits`` (``GET /expected``, e.g. ``mode="list"``)."""
+        query = "&".join(f"{key}={value}" for key, value in limits.items())
+        return self.control(f"/expected?{query}")
 
 
 class DaemonProcess:

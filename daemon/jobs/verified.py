@@ -32,7 +32,7 @@ import trio
 
 from daemon.atproto.car import CarReader
 from daemon.atproto.cbor import decode_record
-from daemon.atproto.cid import Cid, format_cid, parse_cid
+from daemon.atproto.cid import RAW, Cid, format_cid, parse_cid
 from daemon.atproto.commit import Commit, decode_commit, verify_commit
 from daemon.atproto.diddoc import DidIdentity
 from daemon.atproto.keys import PublicKey, parse_multikey
@@ -418,7 +418,8 @@ class VerifiedHandler:
         self, identity: DidIdentity, commit: RunCommit, walk: MstWalk, holder: BudgetHolder
     ) -> None:
         """Fetch the whole repo (getRepo) and feed the walk every block; its blocks count against the
-        memory budget until the walk is done (they come in no walk order)."""
+        memory budget until the walk is done (they come in no walk order). Raw blocks (blobs) are dropped
+        as they arrive: only DAG-CBOR blocks can be nodes or records."""
         blocks: dict[Cid, bytes] = {}
         async with self._car(identity, GET_REPO, {"did": identity.did}) as car:
             if car is None:
@@ -426,6 +427,8 @@ class VerifiedHandler:
             reader = CarReader(max_bytes=self._settings.max_car_bytes)
             async for chunk in car.chunks:
                 for cid, data in reader.feed(chunk):
+                    if cid[1] == RAW:
+                        continue  # a blob's bytes: never an MST node nor a record, so never needed
                     await holder.take(len(data) + BLOCK_OVERHEAD, "a getRepo CAR")
                     blocks[cid] = data
             reader.finish()
