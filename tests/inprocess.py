@@ -6,8 +6,10 @@ fire while a socket is merely waiting) and assert outcomes, never durations.
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -48,9 +50,13 @@ def daemon_config(
 
 @asynccontextmanager
 async def running_daemon(
-    tmp_path: Path, network: RunningNetwork, overrides: dict[str, dict[str, Any]] | None = None
+    tmp_path: Path,
+    network: RunningNetwork,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    wall_clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Daemon]:
-    daemon = Daemon(daemon_config(tmp_path, network, overrides), rng=random.Random(3))
+    daemon = Daemon(daemon_config(tmp_path, network, overrides), rng=random.Random(3), wall_clock=wall_clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
         yield daemon
@@ -58,14 +64,23 @@ async def running_daemon(
 
 
 async def start_run(
-    daemon: Daemon, *, dids: Sequence[str] = (), collections: Sequence[str] | None = None
+    daemon: Daemon,
+    *,
+    dids: Sequence[str] = (),
+    collections: Sequence[str] | None = None,
+    full: bool = False,
 ) -> int:
+    """Start a run as ``POST /_admin/backfill`` does (explicit with ``dids``, else discover)."""
+    wanted = daemon.config.atproto.collections if collections is None else collections
     run_id, _ = await daemon.db.run(
         daemon.db.store.create_run,
         mode="explicit" if dids else "discover",
-        collections=list(collections or daemon.config.atproto.collections),
+        # in the configured order, as the admin API passes them (SPEC 6.4)
+        collections=[c for c in daemon.config.atproto.collections if c in wanted],
         dids=list(dids),
         now=daemon.wall_clock(),
+        full=full,
+        ordered=daemon.config.sync.ordered_collections,
     )
     daemon.engine.notify()
     return run_id
@@ -85,9 +100,21 @@ async def jobs_of(daemon: Daemon, run_id: int) -> list[Job]:
     return await daemon.db.run(daemon.db.store.list_jobs, run_id=run_id, limit=100_000)
 
 
+async def queued_records(daemon: Daemon) -> list[dict[str, Any]]:
+    """Every records job on the queue, in id order, in its public form (SPEC 5 ``GET /_admin/records``)."""
+    records: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        text, last = await daemon.db.run(daemon.db.store.list_records_json, after=after, limit=10_000)
+        if last is None:
+            return records
+        records += json.loads(text)
+        after = last
+
+
 async def queued(daemon: Daemon) -> list[tuple[str, str, str, str]]:
-    records = await daemon.db.run(daemon.db.store.list_records, after=0, limit=10_000_000)
-    return [(r.did, r.collection, r.rkey, r.cid) for r in records]
+    """``(did, collection, rkey, cid)`` of every records job on the queue, in id order."""
+    return [(r["did"], r["collection"], r["rkey"], r["cid"]) for r in await queued_records(daemon)]
 
 
 def outcome(jobs: Sequence[Job]) -> dict[tuple[str | None, str], tuple[str, str | None]]:

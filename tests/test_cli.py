@@ -24,7 +24,7 @@ from daemon.cli.progress import ProgressDisplay
 from daemon.cli.runs import wait_for_run
 from daemon.config import load_config
 from daemon.errors import BackfillError
-from daemon.simnet import DaemonLimits, demo_spec, expected_records
+from daemon.simnet import DaemonLimits, account_rev, demo_spec, expected_records, expected_values
 from tests.daemonproc import ROOT, TOKEN, DaemonProcess, free_port, write_config
 from tests.simnetproc import SimnetProcess
 
@@ -454,7 +454,26 @@ def test_records_json_lines_and_ack(daemon: DaemonProcess) -> None:
     assert peek.returncode == 0, peek.stderr
     lines = [json.loads(line) for line in peek.stdout.splitlines()]
     assert len(lines) == 5
-    assert set(lines[0]) == {"id", "did", "collection", "rkey", "operation", "cid", "source", "run_id"}
+    assert set(lines[0]) == {
+        "id",
+        "did",
+        "collection",
+        "rkey",
+        "operation",
+        "cid",
+        "record",
+        "rev",
+        "verified",
+        "source",
+        "run_id",
+    }
+    # the daemon's default mode is verified: each line carries the proven value and its commit's rev
+    # (the queue holds the records of this module's earlier runs too)
+    values = expected_values(SPEC, limits=DaemonLimits(page_size=PAGE_SIZE), collections=COLLECTIONS)
+    for line in lines:
+        assert (line["cid"], line["record"]) == values[(line["did"], line["collection"], line["rkey"])]
+        assert (line["rev"], line["verified"]) == (account_rev(SPEC, line["did"]), True)
+        assert (line["operation"], line["source"]) == ("create", "backfill")
     assert [r["id"] for r in lines] == sorted(r["id"] for r in lines)
     after = cli("records", "--after", str(lines[1]["id"]), "--limit", "2", config=daemon.config)
     assert [json.loads(line)["id"] for line in after.stdout.splitlines()] == [lines[2]["id"], lines[3]["id"]]

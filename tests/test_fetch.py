@@ -5,6 +5,7 @@ import gzip
 import random
 import resource
 import socket
+import sys
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -12,16 +13,19 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from daemon.config import NetworkConfig
 from daemon.errors import (
     BlockedAddress,
+    Code,
     ProtocolViolation,
     RateLimited,
     UpstreamConnectError,
     UpstreamTimeout,
 )
 from daemon.net import fetch
+from daemon.net.budget import MemoryBudget
 from daemon.net.fetch import Fetcher, Response, origin_key
 from daemon.net.hosts import HostLimiter
 from tests.httpserver import (
@@ -59,6 +63,7 @@ async def make() -> AsyncIterator[Factory]:
         pause: float = 60.0,
         max_bytes: int = MIB,
         trusted_pool_size: int = 4,
+        local_address: str = "",
         **kwargs: Any,
     ) -> tuple[Fetcher, HostLimiter]:
         network = NetworkConfig(
@@ -67,6 +72,7 @@ async def make() -> AsyncIterator[Factory]:
             rate_limit_pause=pause,
             allow_private_addresses=allow_private,
             user_agent="backfilld-test/1.0",
+            local_address=local_address,
         )
         hosts = HostLimiter(per_host_concurrency=concurrency, per_host_rate=rate, now=lambda: NOW)
         fetcher = Fetcher(
@@ -329,11 +335,18 @@ async def test_redirects_are_never_followed(
 @pytest.mark.parametrize(
     ("headers", "body", "resume_at"),
     [
+        # the reference PDS rounds its unix RateLimit-Reset down: a second is added
         (
             {"RateLimit-Reset": str(int(NOW) + 30), "RateLimit-Remaining": "0"},
             b'{"error":"RateLimitExceeded"}',
-            NOW + 30,
+            NOW + 31,
         ),
+        # the later of RateLimit-Reset and Retry-After
+        ({"RateLimit-Reset": str(int(NOW) + 30), "Retry-After": "100"}, b"{}", NOW + 100),
+        ({"RateLimit-Reset": str(int(NOW) + 100), "Retry-After": "30"}, b"{}", NOW + 101),
+        # at least a second
+        ({"Retry-After": "0"}, b"{}", NOW + 1),
+        ({"RateLimit-Reset": str(int(NOW) - 50)}, b"{}", NOW + 1),
         ({"Retry-After": "45"}, b'{"error":"RateLimitExceeded"}', NOW + 45),
         ({"Retry-After": email.utils.formatdate(NOW + 120, usegmt=True)}, b"{}", NOW + 120),
         ({"Content-Type": "text/html"}, b"<html><body>Too Many Requests</body></html>", NOW + 60),
@@ -598,7 +611,7 @@ async def test_callers_cancelling_at_any_moment_do_not_break_the_pool(
 async def test_idle_clients_beyond_the_limit_are_closed(
     nursery: trio.Nursery, make: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fetch, "MAX_IDLE_CLIENTS", 2)
+    monkeypatch.setattr(fetch, "MAX_IDLE_POOLS", 2)
     servers = [await HTTPServer().start(nursery) for _ in range(4)]
     fetcher, _ = make()
     for s in servers:
@@ -620,7 +633,7 @@ async def test_idle_clients_beyond_the_limit_are_closed(
 async def test_busy_clients_and_the_one_in_use_are_never_evicted(
     nursery: trio.Nursery, make: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fetch, "MAX_IDLE_CLIENTS", 1)
+    monkeypatch.setattr(fetch, "MAX_IDLE_POOLS", 1)
     busy, other = HTTPServer(), HTTPServer()
     await busy.start(nursery)
     await other.start(nursery)
@@ -634,6 +647,268 @@ async def test_busy_clients_and_the_one_in_use_are_never_evicted(
                 await trio.sleep(0.01)
         assert (await fetcher.get_json(other.url("/x"), timeout=5, host_class="pds")).status == 200
     assert busy.count("/slow") == 1
+
+
+# --- the API: request() holds the body in the budget, get_json() detaches it, stream() streams -----------
+
+
+async def test_request_holds_the_body_against_the_budget_until_the_context_ends(
+    server: HTTPServer, make: Factory
+) -> None:
+    body = b'{"records": [' + b'{"a": 1},' * 99 + b'{"a": 1}]}'
+    server.routes["/x"] = reply(200, body, {"X-Thing": "yes"})
+    budget = MemoryBudget(total=100_000)
+    fetcher, hosts = make(budget=budget, concurrency=1)
+    origin = f"http://127.0.0.1:{server.port}"
+    async with fetcher.request(server.url("/x"), params={"a": "b"}, timeout=5, host_class="pds") as response:
+        assert (response.status, response.headers["x-thing"], bytes(response.body)) == (200, "yes", body)
+        assert budget.held == len(body)
+        # a decode reserves its worst case on top, until the context ends
+        await response.reserve(3)
+        assert budget.held == 4 * len(body)
+        await response.reserve_bytes(10)
+        assert budget.held == 4 * len(body) + 10
+        assert response.json() == {"records": [{"a": 1}] * 100}
+        # the host slot was given back before the body was handed over
+        assert not [h for h in hosts.snapshot() if h.host == origin and h.in_flight]
+    assert budget.held == 0
+    assert budget.peak == 4 * len(body) + 10
+    [request] = server.requests
+    assert request.query == {"a": "b"}
+    assert request.headers["accept"] == "application/json"
+
+
+async def test_request_releases_the_budget_when_the_caller_raises(server: HTTPServer, make: Factory) -> None:
+    server.routes["/x"] = reply(200, b"x" * 5000)
+    budget = MemoryBudget(total=100_000)
+    fetcher, _ = make(budget=budget)
+    with pytest.raises(KeyError):
+        async with fetcher.request(server.url("/x"), timeout=5, host_class="pds") as response:
+            assert budget.held == len(response.body) == 5000
+            raise KeyError("the caller's own failure")
+    assert budget.held == 0
+
+
+async def test_get_json_returns_a_detached_response(server: HTTPServer, make: Factory) -> None:
+    server.routes["/x"] = reply(200, b'{"ok": true}')
+    budget = MemoryBudget(total=100_000)
+    fetcher, _ = make(budget=budget)
+    response = await fetcher.get_json(server.url("/x"), timeout=5, host_class="plc")
+    assert budget.held == 0 and budget.peak == len(b'{"ok": true}')
+    assert response.holder is None
+    await response.reserve(100)  # nothing to hold it against any more: a no-op
+    assert budget.held == 0
+    assert response.json() == {"ok": True}
+
+
+def chunked(pieces: list[bytes], headers: dict[str, str] | None = None) -> Any:
+    """A handler answering with a chunked body, one piece per chunk."""
+
+    async def handler(request: ServerRequest, stream: trio.SocketStream) -> bool:
+        head = {"Content-Type": "application/vnd.ipld.car", "Transfer-Encoding": "chunked", **(headers or {})}
+        await stream.send_all(response_bytes(200, b"", head, length=False))
+        for piece in pieces:
+            await stream.send_all(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await stream.send_all(b"0\r\n\r\n")
+        return True
+
+    return handler
+
+
+async def test_stream_hands_over_the_body_as_it_arrives(server: HTTPServer, make: Factory) -> None:
+    pieces = [bytes([n]) * 1000 for n in range(10)]
+    server.routes["/car"] = chunked(pieces)
+    budget = MemoryBudget(total=100_000)
+    fetcher, hosts = make(budget=budget, concurrency=1)
+    origin = f"http://127.0.0.1:{server.port}"
+    received = bytearray()
+    async with fetcher.stream(
+        server.url("/car"), params={"cids": ["a", "b"]}, timeout=5, host_class="pds", max_bytes=20_000
+    ) as streamed:
+        assert streamed.status == 200
+        assert streamed.headers["content-type"] == "application/vnd.ipld.car"
+        # the host slot (and the deadline) cover the whole stream
+        assert [h.in_flight for h in hosts.snapshot() if h.host == origin] == [1]
+        async for chunk in streamed.chunks:
+            received += chunk
+    assert bytes(received) == b"".join(pieces)
+    assert budget.peak == 0  # what a streamed body holds is its consumer's business
+    assert not hosts.snapshot()
+    [request] = server.requests
+    assert request.target.endswith("?cids=a&cids=b")  # a list parameter repeats, as XRPC arrays do
+    assert request.headers["accept"] == "application/vnd.ipld.car"
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+async def test_stream_refuses_a_body_over_its_own_cap_with_its_code(
+    server: HTTPServer, make: Factory, gzipped: bool
+) -> None:
+    if gzipped:
+        server.routes["/car"] = chunked([gzip.compress(b"c" * 50_000)], {"Content-Encoding": "gzip"})
+    else:
+        server.routes["/car"] = chunked([b"c" * 10_000] * 5)
+    fetcher, _ = make(max_bytes=MIB)
+    with pytest.raises(ProtocolViolation) as caught:
+        async with fetcher.stream(
+            server.url("/car"),
+            timeout=5,
+            host_class="pds",
+            max_bytes=20_000,
+            too_large_code=Code.CAR_TOO_LARGE,
+        ) as streamed:
+            async for _ in streamed.chunks:
+                pass
+    assert caught.value.code == "car_too_large"
+
+
+async def test_a_stream_that_stalls_times_out(server: HTTPServer, make: Factory) -> None:
+    server.routes["/car"] = trickle(0.05)
+    fetcher, _ = make()
+    with pytest.raises(UpstreamTimeout):
+        async with fetcher.stream(
+            server.url("/car"), timeout=0.3, host_class="pds", max_bytes=MIB
+        ) as streamed:
+            async for _ in streamed.chunks:
+                pass
+
+
+# --- a per-request max_bytes cap --------------------------------------------------------------------------
+
+
+async def test_max_bytes_caps_one_request_below_max_response_bytes(server: HTTPServer, make: Factory) -> None:
+    body = b'"' + b"x" * 998 + b'"'
+    server.routes["/doc"] = reply(200, body)
+    server.routes["/doc-chunked"] = chunked([body[:500], body[500:]])
+    server.routes["/doc-gz"] = reply_gzip(200, body)
+    fetcher, _ = make(max_bytes=MIB)
+    for path in ("/doc", "/doc-chunked", "/doc-gz"):
+        assert (
+            await fetcher.get_json(server.url(path), timeout=5, host_class="pds", max_bytes=1000)
+        ).body == body
+        with pytest.raises(ProtocolViolation) as caught:
+            await fetcher.get_json(server.url(path), timeout=5, host_class="plc", max_bytes=999)
+        assert caught.value.code == "response_too_large"
+        with pytest.raises(ProtocolViolation):
+            async with fetcher.request(server.url(path), timeout=5, host_class="pds", max_bytes=999):
+                raise AssertionError("never handed over")
+    # without max_bytes, max_response_bytes applies
+    assert (await fetcher.get_json(server.url("/doc"), timeout=5, host_class="pds")).body == body
+
+
+# --- the memory budget ------------------------------------------------------------------------------------
+
+
+async def test_a_response_that_needs_more_than_the_whole_budget_is_refused_at_once(
+    server: HTTPServer, make: Factory
+) -> None:
+    server.routes["/small"] = reply(200, b"s" * 600)
+    server.routes["/big"] = reply(200, b"b" * 1500)
+    budget = MemoryBudget(total=1000)
+    fetcher, _ = make(budget=budget, max_bytes=MIB)
+    with pytest.raises(ProtocolViolation) as caught:
+        await fetcher.get_json(server.url("/big"), timeout=5, host_class="pds")
+    assert caught.value.code == "response_too_large"
+    assert "budget" in caught.value.message
+    assert budget.held == 0
+    # refused at once even while the budget is partly held by another response (no waiting for it)
+    async with fetcher.request(server.url("/small"), timeout=5, host_class="pds"):
+        with trio.fail_after(5), pytest.raises(ProtocolViolation):
+            await fetcher.get_json(server.url("/big"), timeout=5, host_class="pds")
+        assert budget.held == 600
+    # a decode's reservation counts too: a body that fits, whose decode would not, is refused
+    async with fetcher.request(server.url("/small"), timeout=5, host_class="pds") as response:
+        with pytest.raises(ProtocolViolation) as caught:
+            await response.reserve(1)
+        assert caught.value.code == "response_too_large"
+    assert budget.held == 0 and budget.peak <= 1000
+
+
+async def test_a_second_response_waits_until_the_first_is_released(server: HTTPServer, make: Factory) -> None:
+    server.routes["/first"] = reply(200, b"1" * 600)
+    server.routes["/second"] = reply(200, b"2" * 600)
+    budget = MemoryBudget(total=1000)
+    fetcher, _ = make(budget=budget, max_bytes=MIB)
+    events: list[str] = []
+
+    async def second() -> None:
+        response = await fetcher.get_json(server.url("/second"), timeout=30, host_class="pds")
+        assert response.body == b"2" * 600
+        events.append("second done")
+
+    async with trio.open_nursery() as nursery:
+        async with fetcher.request(server.url("/first"), timeout=5, host_class="pds") as first:
+            assert budget.held == 600
+            nursery.start_soon(second)
+            # the second request is sent and answered in full; its body cannot fit beside the first
+            with trio.fail_after(10):
+                while server.count("/second") < 1 or server.in_flight:
+                    await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            assert events == [] and budget.held == 600
+            events.append("first released")
+            assert first.body == b"1" * 600
+    assert events == ["first released", "second done"]
+    assert budget.peak == 600  # never both at once
+    assert budget.held == 0
+
+
+# --- cookies and the source address --------------------------------------------------------------------
+
+
+def setting_cookies(seen: list[ServerRequest]) -> Any:
+    async def handler(request: ServerRequest, stream: trio.SocketStream) -> bool:
+        seen.append(request)
+        headers = {
+            "Content-Type": "application/json",
+            "Set-Cookie": "session=abc123; Path=/; HttpOnly",
+        }
+        await stream.send_all(response_bytes(200, b"{}", headers))
+        return True
+
+    return handler
+
+
+@pytest.mark.parametrize("host_class", ["pds", "relay"])
+async def test_cookies_are_never_stored_or_sent(server: HTTPServer, make: Factory, host_class: str) -> None:
+    seen: list[ServerRequest] = []
+    server.routes["/login"] = setting_cookies(seen)
+    server.routes["/again"] = setting_cookies(seen)
+    fetcher, _ = make()
+    for path in ("/login", "/again", "/login"):
+        response = await fetcher.get_json(server.url(path), timeout=5, host_class=host_class)
+        assert response.headers["set-cookie"].startswith("session=abc123")
+    async with fetcher.stream(server.url("/again"), timeout=5, host_class=host_class, max_bytes=MIB) as s:
+        async for _ in s.chunks:
+            pass
+    assert len(seen) == 4
+    assert server.connections == 1  # the same connection all along, and still no cookie
+    assert not [r for r in seen if "cookie" in r.headers]
+
+
+def peer_recording(peers: list[str]) -> Any:
+    async def handler(request: ServerRequest, stream: trio.SocketStream) -> bool:
+        peers.append(stream.socket.getpeername()[0])
+        await stream.send_all(response_bytes(200, b"{}", {"Content-Type": "application/json"}))
+        return True
+
+    return handler
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="127.0.0.0/8 is all loopback on Linux only")
+@pytest.mark.parametrize("host_class", ["pds", "plc"])
+async def test_local_address_binds_the_source_address(
+    server: HTTPServer, make: Factory, host_class: str
+) -> None:
+    peers: list[str] = []
+    server.routes["/who"] = peer_recording(peers)
+    bound, _ = make(local_address="127.0.0.2")
+    default, _ = make()
+    await bound.get_json(server.url("/who"), timeout=5, host_class=host_class)
+    async with bound.stream(server.url("/who"), timeout=5, host_class=host_class, max_bytes=MIB) as s:
+        async for _ in s.chunks:
+            pass
+    await default.get_json(server.url("/who"), timeout=5, host_class=host_class)
+    assert peers == ["127.0.0.2", "127.0.0.2", "127.0.0.1"]
 
 
 async def test_server_helper_sanity() -> None:

@@ -21,6 +21,7 @@ from daemon.admin.requests import (
     parse_retry_request,
 )
 from daemon.atproto.diddoc import did_document_url, parse_did_document
+from daemon.atproto.keys import K256, P256, PrivateKey
 from daemon.atproto.pages import RecordRef, parse_list_records_page, parse_list_repos_page
 from daemon.atproto.syntax import (
     is_valid_at_uri,
@@ -49,6 +50,18 @@ json_values = st.recursive(
     ),
     max_leaves=25,
 )
+# Strict JSON (what a correct server sends): no NaN or infinities.
+strict_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=25,
+)
 
 # Built from alphabets rather than st.from_regex, which is several times slower to draw from.
 _BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
@@ -63,6 +76,13 @@ generic_dids = st.builds(
 record_keys = st.text(_ALNUM + "_~.:-", min_size=1, max_size=40).filter(lambda k: k not in (".", ".."))
 cids = st.text(_BASE32, min_size=58, max_size=58).map(lambda s: f"b{s}")
 signing_keys = st.text(_BASE58, min_size=10, max_size=60).map(lambda s: f"z{s}")
+# Real keys on both curves (a DID document's key is validated and normalised to its Multikey form).
+VALID_KEYS = tuple(
+    PrivateKey.from_bytes(curve, bytes([n + 1]) * 32).public_key.multikey()
+    for curve in (K256, P256)
+    for n in range(4)
+)
+valid_signing_keys = st.sampled_from(VALID_KEYS)
 labels = st.builds(
     lambda first, rest: first + rest,
     st.sampled_from("abcdefghijklmnopqrstuvwxyz"),
@@ -112,6 +132,11 @@ def _mutate(draw: st.DrawFn, value: Any) -> Any:
     if isinstance(value, dict) and draw(st.booleans()):
         return {**value, draw(st.text(max_size=8)): draw(json_values)}
     return draw(json_values | st.sampled_from(["", " ", "\n", "at://", "did:plc:", "Qmb12345678"]))
+
+
+def to_bytes(value: Any) -> bytes:
+    """A decoded value as the raw bytes a server sends (NaN and infinities as Python's json writes them)."""
+    return json.dumps(value).encode()
 
 
 def record_entries(did: str = DID, nsid: str = NSID) -> st.SearchStrategy[dict[str, Any]]:
@@ -173,9 +198,27 @@ def did_documents(did: str) -> st.SearchStrategy[dict[str, Any]]:
 # -- never anything but BackfillError --------------------------------------------------------------------
 
 
+raw_records_pages = (
+    st.binary(max_size=64)
+    | json_values.map(to_bytes)
+    | mutated(records_pages).map(to_bytes)
+    # cut short, or with a byte flipped: what a broken proxy or a truncated body looks like
+    | st.builds(lambda b, n: b[:n], mutated(records_pages).map(to_bytes), st.integers(0, 200))
+    | st.builds(
+        lambda b, i, x: b[: i % max(len(b), 1)] + bytes([x]) + b[i % max(len(b), 1) + 1 :],
+        records_pages.map(to_bytes),
+        st.integers(0, 400),
+        st.integers(0, 255),
+    )
+    | st.integers(1, 3000).map(
+        lambda depth: b'{"records":[{"uri":"u","cid":"c","value":' + b"[" * depth + b"]" * depth + b"}]}"
+    )
+)
+
+
 @FUZZ
-@given(body=json_values | mutated(records_pages), page_size=st.integers(0, 10))
-def test_list_records_page_only_raises_backfill_errors(body: Any, page_size: int) -> None:
+@given(body=raw_records_pages, page_size=st.integers(0, 10))
+def test_list_records_page_only_raises_backfill_errors(body: bytes, page_size: int) -> None:
     try:
         page = parse_list_records_page(body, did=DID, collection=NSID, page_size=page_size)
     except BackfillError:
@@ -292,12 +335,25 @@ def test_syntax_validators_are_total(value: str) -> None:
 
 
 @FUZZ
-@given(entries=st.lists(st.tuples(record_keys, cids), max_size=10), cursor=cursors)
-def test_valid_records_page_round_trips(entries: list[tuple[str, str]], cursor: str | None) -> None:
-    body = {"records": [{"uri": f"at://{DID}/{NSID}/{rkey}", "cid": cid} for rkey, cid in entries]}
-    body["cursor"] = cursor  # type: ignore[assignment]
+@given(
+    entries=st.lists(st.tuples(record_keys, cids, st.none() | strict_json_values), max_size=10),
+    cursor=cursors,
+)
+def test_valid_records_page_round_trips(entries: list[tuple[str, str, Any]], cursor: str | None) -> None:
+    records: list[dict[str, Any]] = []
+    values: list[bytes | None] = []
+    for rkey, cid, value in entries:
+        entry: dict[str, Any] = {"uri": f"at://{DID}/{NSID}/{rkey}", "cid": cid}
+        if value is not None:
+            entry["value"] = value
+        records.append(entry)
+        # the value is handed on as the exact bytes it was sent as
+        values.append(None if value is None else to_bytes(value))
+    body = to_bytes({"records": records, "cursor": cursor})
     page = parse_list_records_page(body, did=DID, collection=NSID, page_size=10)
-    assert page.records == tuple(RecordRef(rkey, cid) for rkey, cid in entries)
+    assert page.records == tuple(
+        RecordRef(rkey, cid, raw) for (rkey, cid, _), raw in zip(entries, values, strict=True)
+    )
     assert page.cursor == (cursor or None)
     assert (page.skipped, page.skipped_reasons) == (0, ())
 
@@ -317,7 +373,7 @@ def test_valid_repos_page_round_trips(dids: list[str], cursor: str | None) -> No
     host=hostnames,
     port=st.none() | st.integers(1, 65535),
     path=st.sampled_from(["", "/", "/xrpc-base", "/a/b/"]),
-    key=signing_keys,
+    key=valid_signing_keys,
 )
 def test_valid_did_document_round_trips(did: str, host: str, port: int | None, path: str, key: str) -> None:
     netloc = host if port is None else f"{host}:{port}"
@@ -352,7 +408,10 @@ def test_valid_backfill_request_round_trips(dids: list[str], collections: list[s
     request = parse_backfill_request(
         json.dumps(body).encode(), configured_collections=COLLECTIONS, max_backfill_dids=8
     )
-    expected_collections = COLLECTIONS if collections is None else tuple(dict.fromkeys(collections))
+    # in the configured order, which ordered_collections follows (SPEC 6.4), whatever the request's order
+    expected_collections = (
+        COLLECTIONS if collections is None else tuple(c for c in COLLECTIONS if c in collections)
+    )
     assert request == BackfillRequest("explicit", tuple(dict.fromkeys(dids)), expected_collections)
 
 

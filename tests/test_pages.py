@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from daemon.atproto.pages import (
@@ -24,8 +26,23 @@ def record(rkey: str, *, did: str = DID, collection: str = NSID, cid: str = CID)
     return {"uri": f"at://{did}/{collection}/{rkey}", "cid": cid, "value": {"$type": collection}}
 
 
+def value_of(collection: str = NSID) -> bytes:
+    """The raw ``value`` bytes of :func:`record`'s entries as :func:`raw` encodes them."""
+    return json.dumps({"$type": collection}).encode()
+
+
+def ref(rkey: str, cid: str = CID) -> RecordRef:
+    """The RecordRef of ``record(rkey, cid=cid)``: its value kept as the raw JSON bytes it was sent as."""
+    return RecordRef(rkey, cid, value_of())
+
+
+def raw(body: object) -> bytes:
+    """A decoded body as the raw bytes a PDS sends (the parser takes bytes, SPEC 6 step 2)."""
+    return json.dumps(body).encode()
+
+
 def parse(body: object, page_size: int = 100) -> RecordsPage:
-    return parse_list_records_page(body, did=DID, collection=NSID, page_size=page_size)
+    return parse_list_records_page(raw(body), did=DID, collection=NSID, page_size=page_size)
 
 
 # -- listRecords ------------------------------------------------------------------------------------
@@ -33,9 +50,7 @@ def parse(body: object, page_size: int = 100) -> RecordsPage:
 
 def test_valid_page() -> None:
     body = {"records": [record("3jzfcijpj2z2a"), record("self", cid="bafkqaaa")], "cursor": "3jzfcijpj2z2a"}
-    assert parse(body) == RecordsPage(
-        (RecordRef("3jzfcijpj2z2a", CID), RecordRef("self", "bafkqaaa")), "3jzfcijpj2z2a", 0, ()
-    )
+    assert parse(body) == RecordsPage((ref("3jzfcijpj2z2a"), ref("self", "bafkqaaa")), "3jzfcijpj2z2a", 0, ())
 
 
 @pytest.mark.parametrize("cursor", [None, ""])
@@ -90,10 +105,22 @@ def test_more_than_page_size_is_page_too_large() -> None:
     assert info.value.code == "page_too_large"
 
 
-def test_page_too_large_even_when_entries_are_garbage() -> None:
+def test_page_too_large_counts_entries_that_would_be_skipped() -> None:
+    # Well-formed entries that are skipped (foreign DID, bad rkey or CID) still count against page_size:
+    # the page is rejected whole, never chunked or filtered down to size.
+    entries = [record("a", did=OTHER_DID), record("a/b"), record("c", cid="x")]
     with pytest.raises(ProtocolViolation) as info:
-        parse({"records": [1, 2, 3]}, page_size=2)
+        parse({"records": entries}, page_size=2)
     assert info.value.code == "page_too_large"
+
+
+def test_garbage_entries_are_a_bad_response_whatever_their_number() -> None:
+    # The typed decoder refuses a malformed entry while it decodes, before the entries are counted: such a
+    # page is bad_response (a retry either way, SPEC 6.1), however many entries it has.
+    for page_size in (2, 3, 100):
+        with pytest.raises(ProtocolViolation) as info:
+            parse({"records": [1, 2, 3]}, page_size=page_size)
+        assert info.value.code == "bad_response"
 
 
 @pytest.mark.parametrize(
@@ -142,7 +169,7 @@ def test_malformed_entry_fails_the_whole_page(entry: object) -> None:
 )
 def test_bad_record_is_skipped_not_an_error(entry: dict[str, object], reason: str) -> None:
     page = parse({"records": [record("first"), entry, record("last")], "cursor": "c"})
-    assert page.records == (RecordRef("first", CID), RecordRef("last", CID))
+    assert page.records == (ref("first"), ref("last"))
     assert page.skipped == 1
     assert page.skipped_reasons == (reason,)
     assert page.cursor == "c"
@@ -159,7 +186,7 @@ def test_skip_reasons_are_distinct_in_first_seen_order() -> None:
         ]
     }
     page = parse(body)
-    assert page.records == (RecordRef("ok", CID),)
+    assert page.records == (ref("ok"),)
     assert page.skipped == 4
     assert page.skipped_reasons == ("invalid_cid", "other_did")
 
@@ -167,7 +194,7 @@ def test_skip_reasons_are_distinct_in_first_seen_order() -> None:
 def test_other_did_sharing_a_prefix_is_not_taken_for_ours() -> None:
     # Our DID is a prefix of this one: the "/" after the DID in the URI prefix must keep them apart.
     page = parse_list_records_page(
-        {"records": [record("a", did=DID + "x")]}, did=DID, collection=NSID, page_size=10
+        raw({"records": [record("a", did=DID + "x")]}), did=DID, collection=NSID, page_size=10
     )
     assert page.records == ()
     assert page.skipped_reasons == ("other_did",)
@@ -175,12 +202,87 @@ def test_other_did_sharing_a_prefix_is_not_taken_for_ours() -> None:
 
 def test_extra_fields_are_ignored() -> None:
     body = {"records": [{**record("a"), "extra": [1, 2]}], "cursor": "a", "somethingElse": True}
-    assert parse(body).records == (RecordRef("a", CID),)
+    assert parse(body).records == (ref("a"),)
 
 
 def test_duplicate_records_are_kept() -> None:
     # The records queue is unique on (did, collection, rkey, cid): de-duplication is the store's job.
     assert len(parse({"records": [record("a"), record("a")]}).records) == 2
+
+
+# -- raw bytes: the value is kept as sent --------------------------------------------------------------
+
+
+def test_value_is_kept_as_the_exact_raw_json_bytes() -> None:
+    # Whitespace, key order and escapes of the value stay exactly as the PDS sent them: list mode recomputes
+    # the CID from them (SPEC 6.3), so nothing may be normalised on the way.
+    value = b'{ "$type" : "%s", "b":1,"a" : [1.5, "\\u00e9", {"$link": "x"}] }' % NSID.encode()
+    body = b'{"records":[{"uri":"at://%s/%s/k","cid":"%s","value":%s}],"cursor":"k"}' % (
+        DID.encode(),
+        NSID.encode(),
+        CID.encode(),
+        value,
+    )
+    page = parse_list_records_page(body, did=DID, collection=NSID, page_size=10)
+    assert page.records == (RecordRef("k", CID, value),)
+    assert page.cursor == "k"
+
+
+@pytest.mark.parametrize(("value", "kept"), [(None, None), ("null", b"null"), ("{}", b"{}"), ("3", b"3")])
+def test_absent_or_odd_value_is_reported_as_it_is(value: str | None, kept: bytes | None) -> None:
+    # Absent: None (list mode skips it as cid_mismatch); anything else is handed on raw for that check.
+    entry = f'"uri":"at://{DID}/{NSID}/k","cid":"{CID}"' + ("" if value is None else f',"value":{value}')
+    page = parse_list_records_page(
+        ('{"records":[{' + entry + "}]}").encode(), did=DID, collection=NSID, page_size=1
+    )
+    assert page.records == (RecordRef("k", CID, kept),)
+
+
+def test_bytearray_bodies_are_accepted() -> None:
+    page = parse_list_records_page(
+        bytearray(raw({"records": [record("a")]})), did=DID, collection=NSID, page_size=1
+    )
+    assert page.records == (ref("a"),)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b" ",
+        b"{",
+        b"nul",
+        b'{"records": []} trailing',
+        b'{"records": [], "cursor": NaN}',
+        b'{"records": [{"uri": "at://x", "cid": "\xff"}]}',
+        b"\xff\xfe{}",
+        b'{"records": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}",
+        b'{"records": [{"uri": "' + b"\xc3" + b'", "cid": "c"}]}',
+    ],
+)
+def test_bytes_that_are_not_json_are_bad_response(body: bytes) -> None:
+    with pytest.raises(ProtocolViolation) as info:
+        parse_list_records_page(body, did=DID, collection=NSID, page_size=100)
+    assert info.value.code == "bad_response"
+
+
+def test_a_deeply_nested_value_is_a_bad_response_not_a_crash() -> None:
+    # msgspec raises RecursionError past ~1000 levels, even for a value it keeps raw: that must be a
+    # ProtocolViolation like any other undecodable body, never an exception the job does not expect.
+    deep = b"[" * 100_000 + b"]" * 100_000
+    body = b'{"records":[{"uri":"at://%s/%s/k","cid":"%s","value":%s}]}' % (
+        DID.encode(),
+        NSID.encode(),
+        CID.encode(),
+        deep,
+    )
+    with pytest.raises(ProtocolViolation) as info:
+        parse_list_records_page(body, did=DID, collection=NSID, page_size=1)
+    assert info.value.code == "bad_response"
+    # nesting a real record value could have is kept raw, undecoded
+    shallow = b"[" * 100 + b"]" * 100
+    page = parse_list_records_page(body.replace(deep, shallow), did=DID, collection=NSID, page_size=1)
+    assert page.records == (RecordRef("k", CID, shallow),)
 
 
 # -- listReposByCollection ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,20 +13,34 @@ from daemon.simnet import Account, HostOptions, NetworkSpec, build_spec, open_ne
 from tests.inprocess import COLL, finish, jobs_of, running_daemon, start_run
 
 
+@pytest.mark.parametrize("mode", ["list", "verified"])
 @pytest.mark.parametrize("rate", [0.0, 25.0])
-async def test_peak_in_flight_and_rate_per_host_stay_within_limits(tmp_path: Path, rate: float) -> None:
+async def test_peak_in_flight_and_rate_per_host_stay_within_limits(
+    tmp_path: Path, rate: float, mode: str
+) -> None:
     spec = build_spec(24, 250, collections=[COLL], hosts=2, latency=0.02)
     async with open_network(spec) as network:
         overrides = {
             "daemon": {"workers": 16},
             "network": {"per_host_concurrency": 3, "per_host_rate": rate},
+            "sync": {"mode": mode},
         }
         async with running_daemon(tmp_path, network, overrides) as daemon:
             run = await finish(daemon, await start_run(daemon, dids=[a.did for a in spec.accounts]))
     assert run.jobs["done"] == 24
     for host in range(2):
         stats = network.pds_stats(host)
-        assert stats.requests == 36  # 12 accounts x 3 pages
+        paths = Counter(path.rsplit("/", 1)[-1] for path, _ in stats.seen)
+        if mode == "list":
+            assert stats.requests == 36  # 12 accounts x 3 pages
+        else:
+            # one commit probe per account, the rest are blocks (getBlocks batches or a whole getRepo)
+            assert paths["com.atproto.sync.getRecord"] == 12
+            assert set(paths) <= {
+                "com.atproto.sync.getRecord",
+                "com.atproto.sync.getBlocks",
+                "com.atproto.sync.getRepo",
+            }
         if rate:
             # request starts are spaced 1/25 s apart, so a one-second window holds at most 25 of them;
             # arrival jitter on the way to the server can squeeze one more into a window it observes
