@@ -87,6 +87,26 @@ class DaemonProcess:
             self.wait_ready()
         return self
 
+    def run_to_exit(
+        self, *, timeout: float = 60.0, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a daemon that is expected to exit by itself (a start-up failure), stdout and stderr apart.
+
+        ``prefix`` goes before the command (``setpriv ...`` to run it as another user).
+        """
+        base_env = {
+            k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "BACKFILLD_ADMIN_TOKEN")
+        }
+        return subprocess.run(
+            [*prefix, sys.executable, "-m", "daemon", "run", "--config", str(self.config)],
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**base_env, **(env or {})},
+            check=False,
+        )
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

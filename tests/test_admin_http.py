@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -213,6 +215,53 @@ def test_ack_validation(daemon: DaemonProcess, body: bytes) -> None:
     assert response.status_code == 400 and response.json()["error"] == "InvalidRequest"
 
 
+# Ids past SQLite's integer range (int64): the smallest one past it, and one past any 64-bit integer.
+HUGE_IDS = ["9223372036854775808", "99999999999999999999", "1" + "0" * 40]
+
+
+@pytest.mark.parametrize("run_id", [*HUGE_IDS, "9223372036854775807"])
+def test_a_run_id_past_the_integer_range_is_404(daemon: DaemonProcess, run_id: str) -> None:
+    for method, path in (("GET", f"/_admin/runs/{run_id}"), ("POST", f"/_admin/runs/{run_id}/cancel")):
+        response = daemon.call(method, path)
+        assert response.status_code == 404, response.text
+        assert response.json() == {"error": "RunNotFound", "message": f"no run with id {run_id}"}
+
+
+@pytest.mark.parametrize("huge", HUGE_IDS)
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/_admin/runs", "after"),
+        ("/_admin/jobs", "after"),
+        ("/_admin/jobs", "run_id"),
+        ("/_admin/records", "after"),
+    ],
+)
+def test_a_query_id_past_the_integer_range_is_400(
+    daemon: DaemonProcess, path: str, param: str, huge: str
+) -> None:
+    response = daemon.call("GET", f"{path}?{param}={huge}")
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "InvalidRequest"
+
+
+@pytest.mark.parametrize("huge", HUGE_IDS)
+@pytest.mark.parametrize(
+    ("path", "template"),
+    [
+        ("/_admin/jobs/retry", '{"ids": [%s]}'),
+        ("/_admin/jobs/retry", '{"state": "failed", "run_id": %s}'),
+        ("/_admin/records/ack", '{"through": %s}'),
+    ],
+)
+def test_a_body_id_past_the_integer_range_is_400(
+    daemon: DaemonProcess, path: str, template: str, huge: str
+) -> None:
+    response = daemon.call("POST", path, content=(template % huge).encode())
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "InvalidRequest"
+
+
 def test_status_shape(daemon: DaemonProcess) -> None:
     status = daemon.call("GET", "/_admin/status").json()
     assert status["version"]
@@ -220,6 +269,36 @@ def test_status_shape(daemon: DaemonProcess) -> None:
     assert set(status["jobs"]) == {"pending", "running", "done", "failed", "cancelled"}
     assert isinstance(status["records_queue"]["depth"], int)
     assert isinstance(status["hosts"], list)
+    assert isinstance(status["owner"], str) and status["owner"]
+    assert isinstance(status["daemons"], list)
+
+
+def test_status_lists_the_daemons_holding_leases(tmp_path: Path) -> None:
+    # A relay that accepts connections and never answers: the discover jobs stay running, leased.
+    with socket.socket() as relay:
+        relay.bind(("127.0.0.1", 0))
+        relay.listen(16)
+        proc = DaemonProcess(
+            tmp_path,
+            {
+                "atproto": {
+                    "relay": f"http://127.0.0.1:{relay.getsockname()[1]}",
+                    "collections": ["com.example.record", "com.example.other"],
+                },
+                "limits": {"discovery_timeout": 300.0},
+            },
+        ).start()
+        try:
+            idle = proc.call("GET", "/_admin/status").json()
+            assert idle["daemons"] == []
+            assert proc.call("POST", "/_admin/backfill", json={}).status_code == 202
+            deadline = time.monotonic() + 60
+            while (status := proc.call("GET", "/_admin/status").json())["jobs"]["running"] < 2:
+                assert time.monotonic() < deadline, status
+                time.sleep(0.05)
+        finally:
+            proc.stop()
+    assert status["daemons"] == [{"owner": status["owner"], "jobs_running": 2, "this": True}]
 
 
 def test_no_token_configured_is_503(tmp_path: Path) -> None:
