@@ -165,13 +165,15 @@ async def test_a_held_write_lock_fails_calls_cleanly_until_released(tmp_path: Pa
                 await db.run(execute, store, "INSERT INTO t VALUES ('a')")
             assert caught.value.code == "database_busy"
             assert db.failing is not None and db.failing.code == "database_busy"
+            with pytest.raises(StoreError):  # a ping says the daemon cannot write now, at once
+                await db.run(store.ping)
             results = await grouped(db, [lambda: execute(store, "INSERT INTO t VALUES ('b')")] * 2)
             assert all(isinstance(r, StoreError) and r.code == "database_busy" for r in results)
         finally:
             shell.execute("ROLLBACK")
             shell.close()
         assert await db.run(execute, store, "INSERT INTO t VALUES ('c')") == 1
-        assert db.failing is None
+        assert db.failing is None and await db.run(store.ping)
         assert count(path, "t") == 1
 
 

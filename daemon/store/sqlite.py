@@ -62,9 +62,12 @@ def translate(exc: BaseException) -> BaseException:
 class SqliteStore(Store):
     """The store on one SQLite connection. Not thread-safe by itself: its Database serialises calls."""
 
-    def __init__(self, conn: sqlite3.Connection, lock: InstanceLock | None) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, lock: InstanceLock | None, busy_timeout: float = BUSY_TIMEOUT
+    ) -> None:
         self._conn = conn
         self._lock = lock
+        self._busy_timeout = busy_timeout
         self._group = False
 
     @classmethod
@@ -77,9 +80,9 @@ class SqliteStore(Store):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            reason = "a file is in the way" if isinstance(exc, FileExistsError) else (exc.strerror or str(exc))
             raise StartupError(
-                f"cannot create the database folder {path.parent}: {exc.strerror or exc}",
-                code=Code.DATABASE_UNUSABLE,
+                f"cannot create the database folder {path.parent}: {reason}", code=Code.DATABASE_UNUSABLE
             ) from None
         instance = InstanceLock.take(path) if lock else None
         try:
@@ -88,7 +91,7 @@ class SqliteStore(Store):
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA foreign_keys=ON")
-                store = cls(conn, instance)
+                store = cls(conn, instance, busy_timeout)
                 store.migrate()
             except BaseException:
                 conn.close()
@@ -183,6 +186,24 @@ class SqliteStore(Store):
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         yield self._conn
+
+    def ping(self) -> bool:
+        """True when the daemon could write now: the write lock is free (probed without waiting for it).
+
+        A plain ``SELECT`` succeeds while an operator's shell holds the write lock, and every write then
+        waits the busy timeout and fails; ``/healthz`` must say so. Inside a group commit the group's
+        transaction holds the lock already.
+        """
+        if self._group:
+            return True
+        conn = self._conn
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        return True
 
     # -- schema -------------------------------------------------------------------------------------
 
