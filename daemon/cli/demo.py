@@ -47,6 +47,7 @@ from daemon.simnet import (
     demo_spec,
     expected_failed,
     expected_records,
+    expected_values,
     open_network,
 )
 from daemon.simnet import relay_dids as relay_listing
@@ -82,6 +83,8 @@ class Observed:
     jobs: list[dict[str, Any]]
     records: set[RecordKey]
     queue_depth: int
+    values: dict[tuple[str, str, str], object]
+    verified: int
 
 
 def demo_config(workdir: Path, *, relay: str, plc_directory: str, collections: Sequence[str]) -> Config:
@@ -135,9 +138,12 @@ def drive(client: AdminClient, stream: TextIO) -> Observed:
         print(describe_started(started), file=stream, flush=True)
         run = wait_for_run(client, run_id, ProgressDisplay(stream))
         jobs = list(iter_jobs(client, run_id=run_id))
-        records = {(r["did"], r["collection"], r["rkey"], r["cid"]) for r in _all_records(client)}
+        entries = list(_all_records(client))
+        records = {(r["did"], r["collection"], r["rkey"], r["cid"]) for r in entries}
+        values = {(r["did"], r["collection"], r["rkey"]): r.get("record") for r in entries}
+        verified = sum(1 for r in entries if r.get("verified") is True)
         depth = int(client.status()["records_queue"]["depth"])
-    return Observed(run, jobs, records, depth)
+    return Observed(run, jobs, records, depth, values, verified)
 
 
 async def _serve_and_drive(
@@ -219,6 +225,14 @@ def compare(observed: Observed, spec: NetworkSpec, config: Config) -> dict[str, 
                 f"expected {'failure ' + want if want else 'success'}"
             )
     missing, unexpected = want_records - observed.records, observed.records - want_records
+    want_values = expected_values(spec, limits=limits, dids=discovered, collections=collections)
+    wrong_values = sum(
+        1 for key, value in observed.values.items() if key in want_values and want_values[key][1] != value
+    )
+    if wrong_values:
+        differences.append(f"{wrong_values:,} records carry another value than the account's")
+    if limits.mode == "verified" and observed.verified != len(observed.records):
+        differences.append(f"only {observed.verified:,} of {len(observed.records):,} records are verified")
     if missing:
         differences.append(f"{len(missing):,} expected records are missing, e.g. {min(missing)}")
     if unexpected:
@@ -250,6 +264,8 @@ def compare(observed: Observed, spec: NetworkSpec, config: Config) -> dict[str, 
             "expected": len(want_records),
             "missing": len(missing),
             "unexpected": len(unexpected),
+            "verified": observed.verified,
+            "mode": limits.mode,
         },
         "jobs": observed.run.get("jobs", {}),
         "failed_by_error_code": dict(Counter(got_failed.values())),
@@ -268,6 +284,12 @@ def render_summary(report: Mapping[str, Any]) -> list[str]:
         "Summary",
         f"  records on the queue   {records['queue_depth']:,}  (the simulated network expects "
         f"{records['expected']:,}: {verdict})",
+        (
+            f"  verified               {records['verified']:,} of them proven against the accounts' signed "
+            "commits and Merkle Search Trees (sync.mode = verified)"
+            if records["mode"] == "verified"
+            else "  verified               none: sync.mode = list (listRecords values, CIDs checked)"
+        ),
         "  jobs                   "
         + ", ".join(f"{state} {int(jobs.get(state, 0)):,}" for state in JOB_STATES),
     ]
