@@ -20,13 +20,13 @@ What it guarantees, whoever the caller is (SPEC 6, 6.1, 7):
 - httpcore exceptions never escape: they become :class:`UpstreamConnectError` or :class:`UpstreamTimeout`
   (the one mapping of foreign errors).
 
-The client is httpx's own connection layer, httpcore, used directly: one ``AsyncConnectionPool`` per
-origin, each small (a single shared pool spent its time walking its connection list, and small pools bound
-the damage of a misbehaving host). Every pool is sized above the requests that may be in flight to its
-origin (``2 * n + 2``, where ``n`` is the per-host concurrency, or ``trusted_pool_size`` for the relay and
-PLC, enforced here by a trio semaphore), so requests never queue *inside* httpcore: cancelling a request
-that waits for a pool connection can leak the slot for good (encode/httpcore#1093), while waiting on a trio
-semaphore is cancel-safe. Idle pools beyond :data:`MAX_IDLE_POOLS` are closed, least recently used first.
+The client is httpx's own connection layer, httpcore, used directly: one small pool of HTTP/1.1
+connections per origin (:mod:`daemon.net.pool`: most recently used first, one liveness check per request
+rather than one per idle connection), sized to the requests that may be in flight to its origin (the
+per-host concurrency, or ``trusted_pool_size`` for the relay and PLC, enforced here by a trio semaphore),
+so requests never queue inside it and a cancelled request cannot leak a slot (encode/httpcore#1093).
+Small pools also bound the damage of a misbehaving host. Idle pools beyond :data:`MAX_IDLE_POOLS` are
+closed, least recently used first.
 
 Compression: only gzip is offered, and it is decoded with a bounded output size (:mod:`daemon.net.body`):
 a 64 KiB chunk of a gzip bomb would otherwise inflate to ~64 MiB before any counting could stop it.
@@ -62,6 +62,7 @@ from daemon.net.body import decoded_chunks, read_body
 from daemon.net.budget import GENERIC_DECODE_FACTOR, BudgetHolder, MemoryBudget
 from daemon.net.guard import AddressResolver, GuardedNetworkBackend
 from daemon.net.hosts import HostLimiter
+from daemon.net.pool import OriginPool
 from daemon.net.ratelimit import rate_limit_resume_at
 
 # The host classes: "pds" and "didweb" are attacker-controlled, "relay" and "plc" operator-configured.
@@ -151,13 +152,18 @@ class _Target:
     origin: str
     path: str
 
+    @property
+    def core_origin(self) -> httpcore.Origin:
+        """The origin as httpcore names it (the default port filled in)."""
+        return self.url.origin
+
 
 class _Origin:
     """One origin's connection pool, plus bookkeeping for eviction and (trusted origins only) its gate."""
 
     __slots__ = ("gate", "pool", "users")
 
-    def __init__(self, pool: httpcore.AsyncConnectionPool, gate: trio.Semaphore | None) -> None:
+    def __init__(self, pool: OriginPool, gate: trio.Semaphore | None) -> None:
         self.pool = pool
         self.gate = gate
         self.users = 0
@@ -299,7 +305,7 @@ class Fetcher:
         target = self._check_url(url, params, trusted=trusted)
         if trusted:
             self._hosts.raise_if_paused(target.origin)
-        entry = self._origin(target.origin, trusted=trusted)
+        entry = self._origin(target, trusted=trusted)
         entry.users += 1
         try:
             await self._evict_idle()
@@ -315,15 +321,11 @@ class Fetcher:
                 try:
                     with trio.CancelScope(deadline=started + timeout) as scope:
                         try:
-                            response = await entry.pool.handle_async_request(request)
-                            try:
+                            async with entry.pool.response(request) as response:
                                 status = response.status
                                 headers = list(response.headers)
                                 self._observe(target, status, headers, where)
                                 yield status, headers, response.aiter_stream(), where
-                            finally:
-                                # an unfinished body makes httpcore drop the connection, never drain it
-                                await response.aclose()
                         except httpcore.TimeoutException as exc:
                             raise UpstreamTimeout(f"GET {where}: {type(exc).__name__}: {exc}") from exc
                         except (
@@ -369,8 +371,8 @@ class Fetcher:
             self._hosts.raise_if_paused(origin)
             yield
 
-    def _origin(self, origin: str, *, trusted: bool) -> _Origin:
-        key = (origin, trusted)
+    def _origin(self, target: _Target, *, trusted: bool) -> _Origin:
+        key = (target.origin, trusted)
         entry = self._origins.get(key)
         if entry is not None:
             self._origins.move_to_end(key)
@@ -385,15 +387,13 @@ class Fetcher:
         if self._ssl_context is None:
             # Loading the CA bundle is slow and large: one context for every pool.
             self._ssl_context = httpx.create_ssl_context()
-        pool = httpcore.AsyncConnectionPool(
-            ssl_context=self._ssl_context,
-            max_connections=2 * in_flight + 2,
-            max_keepalive_connections=in_flight,
-            keepalive_expiry=KEEPALIVE_EXPIRY,
-            http1=True,
-            http2=False,
-            local_address=self._local_address,
+        pool = OriginPool(
+            target.core_origin,
+            ssl_context=self._ssl_context if target.url.scheme == b"https" else None,
             network_backend=self._guarded_backend if guarded else self._open_backend,
+            local_address=self._local_address,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+            max_idle=in_flight,
         )
         entry = self._origins[key] = _Origin(pool, trio.Semaphore(in_flight) if trusted else None)
         return entry
