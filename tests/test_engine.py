@@ -556,16 +556,18 @@ async def test_a_lost_lease_interrupts_the_job_and_writes_nothing(
     async with running_engine(tmp_path, handler, hop=hop, store=store, lease_timeout=3.0) as engine:
         await enqueue(engine)
         await started.wait()
-        # another daemon took the job over (its lease expired there): a new claim, a new token
-        await engine.db.run(store.recover_jobs, wall() + 1000, expired_only=True)
-        [other] = await engine.db.run(
-            store.claim_jobs,
-            now=wall(),
-            limit=1,
-            owner="other",
-            max_records_queue=10,
-            lease_until=wall() + 1e6,
-        )
+
+        # another daemon took the job over (its lease expired there): a new claim, a new token, in one
+        # store call so that this engine's own dispatcher cannot claim it back in between
+        now = wall()
+
+        def take_over() -> list[Job]:
+            store.recover_jobs(now + 1000, expired_only=True)
+            return store.claim_jobs(
+                now=now, limit=1, owner="other", max_records_queue=10, lease_until=now + 1e6
+            )
+
+        [other] = await engine.db.run(take_over)
         await trio.sleep(10)
         [job] = await engine.db.run(store.list_jobs)
     assert job.state == "running" and job.lease_token == other.lease_token

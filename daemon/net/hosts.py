@@ -96,6 +96,7 @@ class HostLimiter:
         self._interval = pacing_interval(per_host_rate)
         self._now = now
         self._hosts: dict[str, _Host] = {}
+        self._paused: dict[str, float] = {}
         self._sweep_at = _SWEEP_THRESHOLD
 
     @property
@@ -185,6 +186,14 @@ class HostLimiter:
         entry = self._entry(host)
         if entry.paused_until is None or until > entry.paused_until:
             entry.paused_until = until
+            self._paused[host] = until
+
+    def paused(self) -> dict[str, float]:
+        """The hosts paused now and until when (cheap: the dispatcher asks on every pass)."""
+        now = self._now()
+        for host in [h for h, until in self._paused.items() if until <= now]:
+            del self._paused[host]
+        return dict(self._paused)
 
     def paused_until(self, host: str) -> float | None:
         """The unix time at which ``host``'s pause ends, or None when it is not paused."""

@@ -175,7 +175,8 @@ class Daemon:
         )
 
     def paused_hosts(self) -> dict[str, float]:
-        return {s.host: s.paused_until for s in self.hosts.snapshot() if s.paused_until is not None}
+        """The PDS hosts paused now (a 429, or a rate-limit window spent) and until when."""
+        return self.hosts.paused()
 
     def hosts_paused_count(self) -> int:
         return len(self.paused_hosts())

@@ -63,13 +63,19 @@ class Database:
 class _Call:
     """One store call on its way through the thread; ``state`` changes under ``lock`` only."""
 
-    __slots__ = ("alone", "deliver", "fn", "lock", "state")
+    __slots__ = ("alone", "fn", "lock", "state", "task", "token")
 
     def __init__(
-        self, fn: Callable[[], Any], deliver: Callable[[outcome.Outcome[Any]], object], *, alone: bool
+        self,
+        fn: Callable[[], Any],
+        task: trio.lowlevel.Task,
+        token: trio.lowlevel.TrioToken,
+        *,
+        alone: bool,
     ) -> None:
         self.fn = fn
-        self.deliver = deliver
+        self.task = task
+        self.token = token
         self.alone = alone
         self.lock = threading.Lock()
         self.state = _QUEUED
@@ -125,13 +131,7 @@ class SerialDatabase(Database):
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name="backfilld-sqlite", daemon=True)
             self._thread.start()
-        token = trio.lowlevel.current_trio_token()
-        task = trio.lowlevel.current_task()
-
-        def deliver(result: outcome.Outcome[Any]) -> None:
-            token.run_sync_soon(self._resume, task, result)
-
-        call = _Call(fn, deliver, alone=alone)
+        call = _Call(fn, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token(), alone=alone)
 
         def abort(_: object) -> trio.lowlevel.Abort:
             return trio.lowlevel.Abort.SUCCEEDED if call.abandon() else trio.lowlevel.Abort.FAILED
@@ -139,9 +139,15 @@ class SerialDatabase(Database):
         self._calls.put(call)
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
-    def _resume(self, task: trio.lowlevel.Task, result: outcome.Outcome[Any]) -> None:
-        self._observe(result)
-        trio.lowlevel.reschedule(task, result)
+    def _deliver(self, answers: list[tuple[_Call, outcome.Outcome[Any]]]) -> None:
+        """Hand results back to their tasks: one wake-up of the trio loop for a whole group."""
+        if answers:
+            answers[0][0].token.run_sync_soon(self._resume, answers)
+
+    def _resume(self, answers: list[tuple[_Call, outcome.Outcome[Any]]]) -> None:
+        for call, result in answers:
+            self._observe(result)
+            trio.lowlevel.reschedule(call.task, result)
 
     def _serve(self) -> None:
         while True:
@@ -165,10 +171,14 @@ class SerialDatabase(Database):
             self._run_group(group)
 
     def _run_alone(self, call: _Call) -> None:
-        result = outcome.capture(call.fn)
+        self._deliver([(call, self._alone(call))])
+
+    @staticmethod
+    def _alone(call: _Call) -> outcome.Outcome[Any]:
+        result: outcome.Outcome[Any] = outcome.capture(call.fn)
         if isinstance(result, outcome.Error):
             result = outcome.Error(translate(result.error))
-        call.deliver(result)
+        return result
 
     def _run_group(self, calls: list[_Call]) -> None:
         if len(calls) <= 1:
@@ -182,8 +192,7 @@ class SerialDatabase(Database):
             # Nothing has run, and alone each call would meet the same lock or failure.
             store.abort_group()
             error = translate(exc)
-            for call in calls:
-                call.deliver(outcome.Error(error))
+            self._deliver([(call, outcome.Error(error)) for call in calls])
             return
         results: list[outcome.Outcome[Any]] = []
         try:
@@ -195,12 +204,16 @@ class SerialDatabase(Database):
             store.commit_group()
         except Exception:
             store.abort_group()
-            for call in calls:
-                self._run_alone(call)
+            self._deliver([(call, self._alone(call)) for call in calls])
             return
         self.groups += 1
         self.grouped_calls += len(calls)
-        for call, result in zip(calls, results, strict=True):
-            if isinstance(result, outcome.Error):
-                result = outcome.Error(translate(result.error))
-            call.deliver(result)
+        self._deliver(
+            [
+                (
+                    call,
+                    outcome.Error(translate(result.error)) if isinstance(result, outcome.Error) else result,
+                )
+                for call, result in zip(calls, results, strict=True)
+            ]
+        )
