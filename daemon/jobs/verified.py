@@ -68,6 +68,8 @@ PROBE_RKEY = "-"
 # A repo whose root node is at this layer or lower (about 4^(layer+1) keys or fewer) is fetched whole:
 # one getRepo beats the two or more round trips of a sparse walk.
 SMALL_REPO_LAYER = 3
+# Up to this root layer (about 16,000 keys) a repo that is mostly the wanted collection is fetched whole.
+MOSTLY_ONE_COLLECTION_LAYER = 5
 # What one kept block costs in memory beyond its bytes (the bytes object, its CID, the dict slot).
 BLOCK_OVERHEAD = 200
 # Restarts at a newer commit within one attempt before giving up (the account writes fast).
@@ -299,10 +301,25 @@ class VerifiedHandler:
         walked = _Walked(last_key=cursor)
         holder = self._fetcher.budget.holder()
         try:
+            whole: bool | None = None  # decided once the root node is known
             while not walk.done:
                 ctx.check_interrupted()
-                if self._fetch_whole(identity, commit):
-                    await self._whole_repo(identity, commit, walk, holder)
+                if whole is None:
+                    whole = self._fetch_whole(job.collection, commit)
+                no_get_blocks = origin_key(identity.pds) in self._no_get_blocks
+                if whole or no_get_blocks:
+                    try:
+                        await self._whole_repo(identity, commit, walk, holder)
+                    except ProtocolViolation as exc:
+                        if no_get_blocks or exc.code not in (Code.CID_MISMATCH, Code.INVALID_CAR):
+                            raise
+                        # a broken block anywhere in the repo spoils the whole CAR: fetch only what this
+                        # collection needs instead (the walk was fed nothing from the broken CAR)
+                        log.info(
+                            "the repo's CAR failed its checks; walking it block by block", error=exc.message
+                        )
+                        whole = False
+                        continue
                     walk.finish()
                 else:
                     batch = walk.needed(self._settings.get_blocks_batch)
@@ -318,15 +335,27 @@ class VerifiedHandler:
         finally:
             holder.release()
 
-    def _fetch_whole(self, identity: DidIdentity, commit: RunCommit) -> bool:
-        """getRepo rather than getBlocks: the PDS has no getBlocks, or the repo is small."""
-        if origin_key(identity.pds) in self._no_get_blocks:
-            return True
+    def _fetch_whole(self, collection: str, commit: RunCommit) -> bool | None:
+        """Whether one getRepo is cheaper than a sparse walk, from the root node (None: not known yet).
+
+        Yes for a small repo (the root's layer is at most :data:`SMALL_REPO_LAYER`), and for a repo of
+        moderate size that is mostly this collection (at least half of the root's entries are its keys):
+        the sparse walk would fetch nearly every block anyway, a round trip per layer.
+        """
         root = self._cache.get(parse_cid(commit.data_cid))
         if root is None:
-            return False
+            return None
         node = decode_node(root)
-        return not node.entries or key_layer(node.entries[0].key) <= SMALL_REPO_LAYER
+        if not node.entries:
+            return True
+        layer = key_layer(node.entries[0].key)
+        if layer <= SMALL_REPO_LAYER:
+            return True
+        if layer > MOSTLY_ONE_COLLECTION_LAYER:
+            return False
+        span = KeyRange.collection(collection)
+        inside = sum(1 for entry in node.entries if span.start <= entry.key < span.end)
+        return 2 * inside >= len(node.entries)
 
     def _from_cache(self, walk: MstWalk) -> None:
         """Feed the walk every block it needs that the cache holds (repeatedly: each may uncover more)."""
