@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,37 +20,10 @@ from typing import Any
 
 import httpx
 
+from tests.daemonproc import free_port, write_config
+
 TOKEN = "bench-token-0123456789abcdef"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port on loopback that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def toml_value(value: object) -> str:
-    """``value`` as a TOML value (the few types a bench config uses)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
-def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:
-    """Write ``sections`` as a TOML file at ``path``."""
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float) -> int:
