@@ -37,8 +37,8 @@ class OriginStats:
 
     ``seen`` holds ``(path, query)`` per request when the origin records requests, ``timestamps`` the
     ``trio.current_time()`` at which each request arrived, ``clients`` the requests per client address;
-``in_flight`` counts requests received and not
-    yet fully answered (or abandoned), ``peak_in_flight`` its maximum. ``rate_limited`` counts the 429s a
+    ``in_flight`` counts requests received and not yet fully answered (or abandoned), ``peak_in_flight`` its
+    maximum. ``rate_limited`` counts the 429s a
     host's own rate limit (``HostOptions.rate_limit``) sent, apart from those of the 429 hostile modes.
     """
 

@@ -80,7 +80,9 @@ class SqliteStore(Store):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            reason = "a file is in the way" if isinstance(exc, FileExistsError) else (exc.strerror or str(exc))
+            reason = (
+                "a file is in the way" if isinstance(exc, FileExistsError) else (exc.strerror or str(exc))
+            )
             raise StartupError(
                 f"cannot create the database folder {path.parent}: {reason}", code=Code.DATABASE_UNUSABLE
             ) from None
