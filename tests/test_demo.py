@@ -12,6 +12,7 @@ from pathlib import Path
 
 from daemon.cli.demo import Observed, compare, demo_config
 from daemon.simnet import DaemonLimits, demo_spec, expected_failed, expected_records
+from daemon.simnet.expectations import expected_values
 from tests.daemonproc import ROOT, write_config
 
 COLLECTIONS = ("com.example.a", "com.example.b")
@@ -112,12 +113,20 @@ def test_compare_reports_differences(tmp_path: Path) -> None:
         for (did, c), code in failed.items()
     ]
     run = {"state": "finished", "jobs": {"done": 0, "failed": len(jobs)}}
-    assert compare(Observed(run, jobs, set(records), len(records)), spec, config)["matches"] is True
+    values = {key: value for key, (_, value) in expected_values(spec, limits=limits).items()}
+    assert limits.mode == "verified"  # the demo's default: every record must come verified
+    assert compare(Observed(run, jobs, set(records), len(records), values, len(records)), spec, config)[
+        "matches"
+    ]
 
     wrong = [dict(jobs[0], error_code="timeout"), *jobs[1:]]
     lost = set(sorted(records)[1:])
-    report = compare(Observed(run, wrong, lost, len(lost)), spec, config)
+    altered = dict(values)
+    altered[min(altered)] = {"$type": "other"}
+    report = compare(Observed(run, wrong, lost, len(lost), altered, 0), spec, config)
     assert report["matches"] is False
+    assert "1 records carry another value than the account's" in report["differences"]
+    assert any(d.startswith("only 0 of") for d in report["differences"])
     assert report["records"]["missing"] == 1
     first = jobs[0]
     assert (

@@ -153,7 +153,10 @@ async def test_a_cancelled_listing_writes_no_delete(tmp_path: Path, mode: str) -
             assert run.state == "cancelled" and "cancelled" in jobs.values()
             deletes = [e for e in await consumer.drain(daemon) if e["operation"] == "delete"]
             # only a listing that completed may delete: a cancelled job never wrote one
-            assert all(jobs[(e["did"], e["collection"])] == "done" for e in deletes)
+            assert all(jobs[(e["did"], e["collection"])] == "done" for e in deletes), (
+                jobs,
+                [(e["did"][-4:], e["collection"], e["rkey"]) for e in deletes],
+            )
             assert len(deletes) == 10 * sum(1 for state in jobs.values() if state == "done")
 
 

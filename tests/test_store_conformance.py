@@ -184,6 +184,28 @@ def test_cancel_stops_pending_and_running_jobs_of_the_run(store: Store) -> None:
     assert run.finished_at == NOW + 1
 
 
+def test_a_listing_whose_last_page_is_written_is_done_and_a_cancel_leaves_it_so(store: Store) -> None:
+    backfill_once(store, DID_A, listed(("a", "c1"), ("b", "c2")))
+    backfill_once(store, DID_B, listed(("a", "c1")))
+    last = queue(store)[-1]["id"]
+    run_id = explicit(store, [DID_A, DID_B])
+    complete, unfinished = sorted(claim(store), key=lambda job: job.did or "")
+    assert page(store, complete, listed(("a", "c1"))) == PageResult(deleted=1)
+    assert store.get_job(complete.id).state == "done"  # type: ignore[union-attr]
+    assert store.renew_leases([complete.lease], owner="test", until=NOW + 60) == {complete.id}
+    assert store.cancel_run(run_id, NOW + 1) is True
+    # the delete came from a complete listing: its job stays done, never cancelled
+    assert [(e["did"], e["operation"], e["rkey"]) for e in queue(store, last)] == [(DID_A, "delete", "b")]
+    with pytest.raises(JobLost):
+        store.finish_job(complete.lease, state="cancelled", now=NOW + 1)
+    assert store.finish_job(complete.lease, state="done", now=NOW + 1).state == "done"
+    with pytest.raises(JobLost):
+        store.finish_job(complete.lease, state="done", now=NOW + 1)  # released: finished once
+    assert store.get_job(unfinished.id).state == "cancelled"  # type: ignore[union-attr]
+    run = store.get_run(run_id)
+    assert run is not None and run.state == "cancelled" and run.jobs["done"] == run.jobs["cancelled"] == 1
+
+
 def test_cancelling_a_finished_run_changes_nothing(store: Store) -> None:
     run_id = explicit(store, [DID_A])
     [job] = claim(store)

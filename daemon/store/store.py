@@ -426,7 +426,7 @@ class Store:
         with self._tx() as conn:
             for lease in leases:
                 row = conn.execute(
-                    "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND state = 'running' "
+                    "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND state IN ('running', 'done') "
                     "AND lease_token = ? AND lease_owner = ? RETURNING id",
                     (until, lease.job_id, lease.token, owner),
                 ).fetchone()
@@ -445,13 +445,18 @@ class Store:
         error_code: str | None = None,
         last_error: str | None = None,
     ) -> Job:
-        """Move a running job to a final state (done, failed, cancelled); returns the job as updated."""
+        """Move a running job to a final state (done, failed, cancelled); returns the job as updated.
+
+        A job whose listing's last page made it ``done`` (:meth:`apply_page`) is finished ``done`` under
+        the same lease; any other outcome for it is refused (JobLost), as for a job that is not running.
+        """
         with self._tx() as conn:
             row = conn.execute(
                 "UPDATE jobs SET state = ?, error_code = ?, last_error = ?, lease_owner = NULL, "
                 "lease_expires_at = NULL, crashes = 0, updated_at = ? "
-                f"WHERE id = ? AND state = 'running' AND lease_token = ? RETURNING {JOB_COLUMNS}",
-                (state, error_code, last_error, now, lease.job_id, lease.token),
+                "WHERE id = ? AND lease_token = ? AND lease_owner IS NOT NULL "
+                f"AND (state = 'running' OR (state = 'done' AND ? = 'done')) RETURNING {JOB_COLUMNS}",
+                (state, error_code, last_error, now, lease.job_id, lease.token, state),
             ).fetchone()
             if row is None:
                 raise JobLost(f"job {lease.job_id} is no longer running under lease {lease.token}")
@@ -542,7 +547,10 @@ class Store:
         listed record is stamped with this listing pass, and the job's checkpoint (``cursor``: the listing
         cursor, or the last written key of a walk) moves on in the same transaction, so a retried page
         finds its records already stamped and writes nothing twice. With ``complete`` (the listing's last
-        page) the set's records this pass did not see are written as ``delete`` and leave the set.
+        page) the set's records this pass did not see are written as ``delete`` and leave the set, and the
+        job is ``done`` in the same transaction: a cancel that comes after finds nothing left to stop, so a
+        job that wrote deletes never ends ``cancelled`` (SPEC 6.4). Its lease stays until
+        :meth:`finish_job` (which accepts ``done`` for it) releases it.
         """
         with self._tx() as conn:
             run_id, full, listing_pass = self._hold(conn, lease, now)
@@ -584,9 +592,12 @@ class Store:
             conn.execute(
                 "UPDATE jobs SET cursor = ?, pages = pages + 1, records_enqueued = records_enqueued + ?, "
                 "records_skipped = records_skipped + ?, ops_create = ops_create + ?, "
-                "ops_update = ops_update + ?, ops_delete = ops_delete + ?, crashes = 0 WHERE id = ?",
-                (cursor, len(writes), skipped, created, updated, deleted, lease.job_id),
+                "ops_update = ops_update + ?, ops_delete = ops_delete + ?, crashes = 0, "
+                "state = CASE WHEN ? THEN 'done' ELSE state END WHERE id = ?",
+                (cursor, len(writes), skipped, created, updated, deleted, complete, lease.job_id),
             )
+            if complete:
+                self._mark_finished_if_idle(conn, run_id, now)
             return PageResult(created, updated, deleted)
 
     def _pair_id(self, conn: Connection, did: str, collection: str) -> int:
