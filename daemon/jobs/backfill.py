@@ -22,6 +22,7 @@ from daemon.atproto.cbor import cid_for_record
 from daemon.atproto.pages import RecordRef, parse_list_records_page
 from daemon.engine.context import JobContext
 from daemon.errors import (
+    BackfillError,
     Code,
     LimitExceeded,
     ProtocolViolation,
@@ -31,15 +32,13 @@ from daemon.errors import (
 from daemon.jobs.account import AccountMoved, unavailable_account
 from daemon.jobs.resolver import Resolver
 from daemon.metrics import Metrics
-from daemon.net.budget import GENERIC_DECODE_FACTOR, TYPED_DECODE_FACTOR
+from daemon.net.budget import GENERIC_DECODE_FACTOR, TYPED_DECODE_FACTOR, without_frames
 from daemon.net.fetch import Fetcher, Response, origin_key
 from daemon.store.database import Database
 from daemon.store.models import Job, ListedRecord
 
 LIST_RECORDS = "/xrpc/com.atproto.repo.listRecords"
 SKIP_CID_MISMATCH = "cid_mismatch"
-# A value this large is decoded only with its worst-case cost reserved from the memory budget first.
-LARGE_VALUE_BYTES = 65_536
 
 log = structlog.get_logger("backfilld.backfill")
 
@@ -85,14 +84,10 @@ class BackfillHandler:
     async def _pages(self, job: Job, ctx: JobContext, pds: str, *, moved: bool = False) -> None:
         assert job.did is not None
         settings = self._settings
-        url = pds + LIST_RECORDS
         cursor, pages = job.cursor, job.pages
         if pages and cursor is None and not moved:
             return  # every page was saved before the process stopped; only the final state was lost
         seen: set[str] = {cursor} if cursor else set()
-        pages_metric = self._metrics.pages_fetched.labels(job.collection)
-        records_metric = self._metrics.records_enqueued.labels(job.collection)
-        skipped_metric = self._metrics.records_skipped.labels(job.collection)
         while True:
             ctx.check_interrupted()
             if pages >= settings.max_pages:
@@ -108,47 +103,76 @@ class BackfillHandler:
             }
             if cursor:
                 params["cursor"] = cursor
-            async with self._fetcher.request(
-                url, params=params, timeout=settings.page_timeout, host_class="pds"
-            ) as response:
-                if response.status == 404:
-                    if pages == 0:
-                        log.debug("no such collection on the repo (first-page 404)")
-                        records: Sequence[ListedRecord] = ()
-                        next_cursor: str | None = None
-                        skipped, reasons = 0, ()
-                    else:
-                        raise ProtocolViolation(
-                            f"listRecords answered 404 after {pages} pages",
-                            code=Code.NOT_FOUND_MID_PAGINATION,
-                        )
+            try:
+                next_cursor = await self._page(job, ctx, pds, params, pages=pages, seen=seen)
+            except BackfillError as exc:
+                raise without_frames(exc) from None
+            pages += 1
+            if next_cursor is None:
+                return
+            seen.add(next_cursor)
+            cursor = next_cursor
+
+    async def _page(
+        self,
+        job: Job,
+        ctx: JobContext,
+        pds: str,
+        params: dict[str, str | int],
+        *,
+        pages: int,
+        seen: set[str],
+    ) -> str | None:
+        """Fetch, check and write one page; its next cursor.
+
+        The response's memory budget (its body and the decode's worst case, which also covers the page's
+        records as kept for the write) is held until the page is written, and nothing of the page outlives
+        this call: the next page is fetched with none of this one still in memory.
+        """
+        assert job.did is not None
+        settings = self._settings
+        async with self._fetcher.request(
+            pds + LIST_RECORDS, params=params, timeout=settings.page_timeout, host_class="pds"
+        ) as response:
+            if response.status == 404:
+                if pages == 0:
+                    log.debug("no such collection on the repo (first-page 404)")
+                    records: Sequence[ListedRecord] = ()
+                    next_cursor: str | None = None
+                    skipped, reasons = 0, ()
                 else:
-                    if response.status == 400:
-                        await unavailable_account(
-                            self._fetcher,
-                            self._resolver,
-                            job.did,
-                            pds,
-                            response,
-                            timeout=settings.page_timeout,
-                        )
-                    if not 200 <= response.status < 300:
-                        raise UpstreamHTTPError(
-                            f"listRecords answered HTTP {response.status}", status=response.status
-                        )
-                    await response.reserve(TYPED_DECODE_FACTOR)
-                    page = parse_list_records_page(
-                        response.body, did=job.did, collection=job.collection, page_size=settings.page_size
+                    raise ProtocolViolation(
+                        f"listRecords answered 404 after {pages} pages",
+                        code=Code.NOT_FOUND_MID_PAGINATION,
                     )
-                    next_cursor = page.cursor
-                    if next_cursor is not None and next_cursor in seen:
-                        raise ProtocolViolation(
-                            f"listRecords returned cursor {next_cursor[:100]!r} twice",
-                            code=Code.REPEATED_CURSOR,
-                        )
-                    records, mismatched = await _checked_records(response, page.records)
-                    skipped = page.skipped + mismatched
-                    reasons = (*page.skipped_reasons, *((SKIP_CID_MISMATCH,) if mismatched else ()))
+            else:
+                if response.status == 400:
+                    await unavailable_account(
+                        self._fetcher,
+                        self._resolver,
+                        job.did,
+                        pds,
+                        response,
+                        timeout=settings.page_timeout,
+                    )
+                if not 200 <= response.status < 300:
+                    raise UpstreamHTTPError(
+                        f"listRecords answered HTTP {response.status}", status=response.status
+                    )
+                await response.reserve(TYPED_DECODE_FACTOR)
+                page = parse_list_records_page(
+                    response.body, did=job.did, collection=job.collection, page_size=settings.page_size
+                )
+                next_cursor = page.cursor
+                if next_cursor is not None and next_cursor in seen:
+                    raise ProtocolViolation(
+                        f"listRecords returned cursor {next_cursor[:100]!r} twice",
+                        code=Code.REPEATED_CURSOR,
+                    )
+                records, mismatched = await _checked_records(response, page.records)
+                skipped = page.skipped + mismatched
+                reasons = (*page.skipped_reasons, *((SKIP_CID_MISMATCH,) if mismatched else ()))
+                del page
             result = await self._db.run(
                 self._db.store.apply_page,
                 job.lease,
@@ -160,35 +184,45 @@ class BackfillHandler:
                 complete=next_cursor is None,
                 now=ctx.now(),
             )
-            pages += 1
-            pages_metric.inc()
-            records_metric.inc(result.written)
-            if skipped:
-                skipped_metric.inc(skipped)
-                log.warning("skipped invalid records", count=skipped, reasons=list(reasons))
-            if next_cursor is None:
-                return
-            seen.add(next_cursor)
-            cursor = next_cursor
+        self._metrics.pages_fetched.labels(job.collection).inc()
+        self._metrics.records_enqueued.labels(job.collection).inc(result.written)
+        if skipped:
+            self._metrics.records_skipped.labels(job.collection).inc(skipped)
+            log.warning("skipped invalid records", count=skipped, reasons=list(reasons))
+        return next_cursor
 
 
 async def _checked_records(response: Response, refs: Sequence[RecordRef]) -> tuple[list[ListedRecord], int]:
-    """The page's records whose value re-encodes to their CID, as JSON text; and how many did not."""
+    """The page's records whose value re-encodes to their CID, as JSON text; and how many did not.
+
+    Values are decoded one at a time, so the worst case of the largest one's decode is reserved from the
+    memory budget once for the page, and given back once the decoded values are gone (the texts kept are
+    covered by the page's own reservation).
+    """
+    largest = max((len(ref.value) for ref in refs if ref.value is not None), default=0)
+    reserved = GENERIC_DECODE_FACTOR * largest
+    await response.reserve_bytes(reserved)
     checked: list[ListedRecord] = []
     mismatched = 0
-    for ref in refs:
-        if ref.value is None:
-            mismatched += 1
-            continue
-        if len(ref.value) > LARGE_VALUE_BYTES:
-            await response.reserve_bytes(GENERIC_DECODE_FACTOR * len(ref.value))
-        try:
-            value = msgspec.json.decode(ref.value)
-            matches = cid_for_record(value) == ref.cid
-        except (msgspec.DecodeError, ProtocolViolation, SyntaxValidationError, RecursionError):
-            matches = False
-        if not matches:
-            mismatched += 1
-            continue
-        checked.append(ListedRecord(ref.rkey, ref.cid, msgspec.json.encode(value).decode()))
+    try:
+        for ref in refs:
+            text = None if ref.value is None else _checked_text(ref.value, ref.cid)
+            if text is None:
+                mismatched += 1
+            else:
+                checked.append(ListedRecord(ref.rkey, ref.cid, text))
+    finally:
+        if response.holder is not None:
+            response.holder.give(reserved)
     return checked, mismatched
+
+
+def _checked_text(raw: bytes, cid: str) -> str | None:
+    """The value as compact JSON text if it re-encodes to ``cid``, else None (nothing decoded outlives it)."""
+    try:
+        value = msgspec.json.decode(raw)
+        if cid_for_record(value) != cid:
+            return None
+    except (msgspec.DecodeError, ProtocolViolation, SyntaxValidationError, RecursionError):
+        return None
+    return msgspec.json.encode(value).decode()

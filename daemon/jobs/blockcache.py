@@ -2,7 +2,8 @@
 
 Verified mode walks each of an account's collections in its own job; the MST nodes near the root, the
 probe's proof path and, for small repos fetched whole, every block, serve the account's next collections
-without another request. Bounded by bytes, least recently used first out.
+without another request. Bounded by what its blocks cost in memory (their bytes and
+:data:`BLOCK_OVERHEAD` each, so a flood of tiny blocks is bounded too), least recently used first out.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from collections import OrderedDict
 from daemon.atproto.cid import Cid
 
 DEFAULT_CACHE_BYTES = 16 * 1024 * 1024
+# What one kept block costs in memory beyond its bytes (the bytes objects of its data and CID, the dict
+# slot): ~210 bytes traced for an 8-byte block.
+BLOCK_OVERHEAD = 200
 
 
 class BlockCache:
-    """An LRU map of CID to block bytes, holding at most ``max_bytes`` of blocks."""
+    """An LRU map of CID to block bytes whose blocks cost at most ``max_bytes`` (``size``: what they cost)."""
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self._max_bytes = max_bytes
@@ -34,7 +38,7 @@ class BlockCache:
         if cid in self._blocks or len(data) > self._max_bytes // 16:
             return
         self._blocks[cid] = data
-        self.size += len(data)
+        self.size += len(data) + BLOCK_OVERHEAD
         while self.size > self._max_bytes:
             _, evicted = self._blocks.popitem(last=False)
-            self.size -= len(evicted)
+            self.size -= len(evicted) + BLOCK_OVERHEAD

@@ -17,8 +17,9 @@ import structlog
 
 from daemon.atproto.pages import parse_list_repos_page
 from daemon.engine.context import JobContext
-from daemon.errors import Code, JobError, ProtocolViolation, UpstreamHTTPError
+from daemon.errors import BackfillError, Code, JobError, ProtocolViolation, UpstreamHTTPError
 from daemon.metrics import Metrics
+from daemon.net.budget import without_frames
 from daemon.net.fetch import Fetcher
 from daemon.store.database import Database
 from daemon.store.models import Job
@@ -58,7 +59,11 @@ class DiscoverHandler:
     async def __call__(self, job: Job, ctx: JobContext) -> None:
         assert job.run_id is not None
         try:
-            await self._pages(job, ctx, job.run_id)
+            try:
+                await self._pages(job, ctx, job.run_id)
+            except BackfillError as exc:
+                # a relay page and its decoded form must not outlive their memory budget in the frames
+                raise without_frames(exc) from None
         except JobError as exc:
             log.warning("discovery failed", error_code=exc.code, error=exc.message)
             await self._db.run(
@@ -93,28 +98,31 @@ class DiscoverHandler:
                         f"listReposByCollection answered HTTP {response.status}", status=response.status
                     )
                 page = parse_list_repos_page(await response.json_budgeted())
-            if page.cursor is not None and page.cursor in seen:
-                raise ProtocolViolation(
-                    f"listReposByCollection returned cursor {page.cursor[:100]!r} twice",
-                    code=Code.REPEATED_CURSOR,
+                if page.cursor is not None and page.cursor in seen:
+                    raise ProtocolViolation(
+                        f"listReposByCollection returned cursor {page.cursor[:100]!r} twice",
+                        code=Code.REPEATED_CURSOR,
+                    )
+                # written while the response still holds its budget, which covers the page's DIDs too
+                result = await self._db.run(
+                    store.record_discovery_page,
+                    job.lease,
+                    run_id=run_id,
+                    collection=job.collection,
+                    dids=page.dids,
+                    cursor=page.cursor,
+                    max_dids=settings.max_dids,
+                    now=ctx.now(),
+                    ordered=self._ordered,
                 )
-            result = await self._db.run(
-                store.record_discovery_page,
-                job.lease,
-                run_id=run_id,
-                collection=job.collection,
-                dids=page.dids,
-                cursor=page.cursor,
-                max_dids=settings.max_dids,
-                now=ctx.now(),
-                ordered=self._ordered,
-            )
+                next_cursor = page.cursor
+                del page, response
             pages += 1
             self._metrics.discovery_pages.labels(job.collection).inc()
             self._metrics.discovered_dids.inc(result.new_dids)
             if result.jobs_enqueued:
                 ctx.notify_new_work()
-            if page.cursor is None or result.cap_reached:
+            if next_cursor is None or result.cap_reached:
                 return
-            seen.add(page.cursor)
-            cursor = page.cursor
+            seen.add(next_cursor)
+            cursor = next_cursor

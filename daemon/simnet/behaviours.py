@@ -21,7 +21,9 @@ from daemon.errors import ConfigError
 # under the default limits. pair_error() refines the ones that depend on the limits or on parameters:
 # doc_pds_url (connect_error while private addresses are allowed), pds_500_once and pds_fail_after_page
 # (http_status when the attempts run out), the 429 modes (done when they recover within the allowed
-# waits: pds_429_once, or params["times"]) and pds_huge (bad_response when under max_response_bytes).
+# waits: pds_429_once, or params["times"]), pds_huge (under max_response_bytes: by its ``shape``, see
+# HUGE_SHAPES) and car_huge (by its ``endpoint`` and ``block_bytes``: a getRepo of tiny blocks is more than
+# the memory budget can hold).
 IDENTITY_BEHAVIOURS: Final[Mapping[str, str]] = MappingProxyType(
     {
         "plc_404": "did_not_found",
@@ -127,8 +129,26 @@ RELAY_BEHAVIOURS: Final[frozenset[str]] = frozenset(
         "relay_missing_repos",
         "relay_repeat_cursor",
         "relay_junk_entries",
+        "relay_huge",
     }
 )
+# What each relay mode does to a discover job under the default limits (None: discovery succeeds); see
+# expectations.discovery_error. relay_huge: one page just under max_response_bytes of ``{"did":{}}`` junk
+# entries, more than a generic JSON decode of it may cost in memory.
+RELAY_ERRORS: Final[Mapping[str, str | None]] = MappingProxyType(
+    {
+        "relay_hang": "timeout",
+        "relay_500": "http_status",
+        "relay_bad_body": "bad_response",
+        "relay_missing_repos": "bad_response",
+        "relay_repeat_cursor": "repeated_cursor",
+        "relay_junk_entries": None,
+        "relay_huge": "response_too_large",
+    }
+)
+# relay_huge's one entry and the page's size (just under the default max_response_bytes).
+RELAY_HUGE_ENTRY: Final = b'{"did":{}}'
+RELAY_HUGE_BYTES: Final = 8_388_608 - 1024
 RATE_LIMIT_BEHAVIOURS: Final[frozenset[str]] = frozenset(name for name in PDS_BEHAVIOURS if "_429_" in name)
 # Account-unavailable modes that name the state in listRecords itself: XRPC error name and message.
 UNAVAILABLE: Final[Mapping[str, tuple[str, str]]] = MappingProxyType(
@@ -155,12 +175,37 @@ ACCOUNT_STATES: Final[Mapping[str, str | None]] = MappingProxyType(
     }
 )
 BLOCK_CHOICES: Final = ("root", "commit", "record")
+# pds_huge's body shapes and the code a correct daemon fails the pair with when the body is under
+# max_response_bytes (see expectations._huge_error for the limits): "junk" (default) never closes its array;
+# "empty_records" is ``{"records":[{},{},...]}``; "minimal_records" ``{"uri":"a","cid":"b"}`` entries, far
+# more than a page may hold; "huge_value" one well-formed record whose value is ``[{},{},...]``, more than
+# its decode may cost in memory (a small one is decoded, and skipped as cid_mismatch).
+HUGE_SHAPES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "junk": "bad_response",
+        "empty_records": "bad_response",
+        "minimal_records": "page_too_large",
+        "huge_value": "response_too_large",
+    }
+)
+MINIMAL_RECORD: Final = b'{"uri":"a","cid":"b"}'
+EMPTY_OBJECT: Final = b"{}"
+# car_huge's endpoints: which answer carries the filler. "getRepo" (default; getBlocks is then not
+# implemented, so every repo is fetched whole), or "getBlocks" / "getRecord": their CARs carry the blocks
+# asked for, then the filler (extra blocks a correct daemon drops).
+CAR_ENDPOINTS: Final = ("getRepo", "getBlocks", "getRecord")
+# What holding one block costs a daemon beyond its bytes, at the least (CPython: the bytes objects of its
+# CID and data, a dict slot; ~250 bytes measured): a getRepo of tiny dag-cbor blocks is refused
+# (response_too_large) when its blocks at this cost are more than the memory budget (raw blocks, blobs, are
+# never needed by a walk and are dropped as they arrive).
+HELD_BLOCK_COST: Final = 200
 BEHAVIOUR_PARAMS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     {
         "doc_bad_json": ("variant",),  # "not_json" (default) or "not_object"
         "doc_pds_url": ("url",),  # default "http://127.0.0.1:1" (refused if ever connected to)
         "pds_fail_after_page": ("page", "failures"),  # defaults 1 and 2
-        "pds_huge": ("mib", "declare_length"),  # defaults 64 and False (chunked, no Content-Length)
+        # defaults 64, False (chunked, no Content-Length) and "junk" (one of HUGE_SHAPES)
+        "pds_huge": ("mib", "declare_length", "shape"),
         "pds_trickle": ("interval", "bytes"),  # defaults 1.0 s and 3600 bytes
         "pds_redirect": ("location",),  # default: this host's /redirect-target
         "pds_moved": ("old_pds",),  # default: the next host, (pds + 1) % pds_hosts (needs 2 hosts)
@@ -168,7 +213,11 @@ BEHAVIOUR_PARAMS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         # "record" of the account's first collection (in spec order) that has records (only that pair).
         "block_bad_bytes": ("block",),
         "block_omitted": ("block",),
-        "car_huge": ("size_mib", "declare_length"),  # defaults 96 and False
+        # defaults 96, False, 0, "raw" and "getRepo": the CAR is ``size_mib`` in all, the real blocks then
+        # filler blocks, raw 1 MiB sections when ``block_bytes`` is 0, else of ``block_bytes`` each (at least
+        # 8, each distinct, starting like an MST node block) with CIDs of ``block_codec`` ("raw" or
+        # "dag-cbor"), in the answers of ``endpoint`` (one of CAR_ENDPOINTS)
+        "car_huge": ("size_mib", "declare_length", "block_bytes", "block_codec", "endpoint"),
         "list_unsigned": ("count",),  # records per collection that only listRecords shows; default 2
         "list_altered": ("every",),  # records whose index is a multiple of it get another value; default 3
         **{name: ("times", "reset_in") for name in RATE_LIMIT_BEHAVIOURS},
@@ -187,11 +236,17 @@ _PARAM_DEFAULTS: Final[Mapping[str, object]] = MappingProxyType(
         "reset_in": 1,
         "block": "root",
         "size_mib": 96,
+        "block_bytes": 0,
+        "block_codec": "raw",
+        "endpoint": "getRepo",
+        "shape": "junk",
         "count": 2,
         "every": 3,
     }
 )
-_INT_PARAMS: Final = frozenset({"page", "failures", "bytes", "reset_in", "old_pds", "count", "every"})
+_INT_PARAMS: Final = frozenset(
+    {"page", "failures", "bytes", "reset_in", "old_pds", "count", "every", "block_bytes"}
+)
 _NUMBER_PARAMS: Final = frozenset({"mib", "interval", "size_mib"})
 # Kinds of records pds_bad_records mixes into each page; a correct daemon skips every one of them.
 JUNK_KINDS: Final = (
@@ -262,6 +317,9 @@ def check_params(name: str, params: Mapping[str, object], where: str) -> list[st
             if key in _INT_PARAMS:
                 if param_int(params, key) < (0 if key == "old_pds" else 1) and key in ("every", "old_pds"):
                     problems.append(f"{where}: {key} out of range")
+                value = param_int(params, key)
+                if key == "block_bytes" and value != 0 and not 8 <= value <= 1_048_576:
+                    problems.append(f"{where}: block_bytes must be 0 or 8..1048576")
             elif key in _NUMBER_PARAMS:
                 param_float(params, key)
             elif key == "declare_length":
@@ -272,6 +330,12 @@ def check_params(name: str, params: Mapping[str, object], where: str) -> list[st
                 problems.append(f"{where}: variant must be 'not_json' or 'not_object'")
             elif key == "block" and param_str(params, key) not in BLOCK_CHOICES:
                 problems.append(f"{where}: block must be one of {', '.join(BLOCK_CHOICES)}")
+            elif key == "shape" and param_str(params, key) not in HUGE_SHAPES:
+                problems.append(f"{where}: shape must be one of {', '.join(HUGE_SHAPES)}")
+            elif key == "block_codec" and param_str(params, key) not in ("raw", "dag-cbor"):
+                problems.append(f"{where}: block_codec must be 'raw' or 'dag-cbor'")
+            elif key == "endpoint" and param_str(params, key) not in CAR_ENDPOINTS:
+                problems.append(f"{where}: endpoint must be one of {', '.join(CAR_ENDPOINTS)}")
             elif key in ("url", "location", "expected_error"):
                 param_str(params, key, "")
         except ConfigError as error:

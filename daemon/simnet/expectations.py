@@ -13,15 +13,24 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from daemon.atproto.keys import PublicKey
+from daemon.net.budget import (
+    DEFAULT_BUDGET_BYTES,
+    GENERIC_DECODE_FACTOR,
+    TYPED_DECODE_FACTOR,
+)
 from daemon.simnet.behaviours import (
+    HELD_BLOCK_COST,
+    HUGE_SHAPES,
     IDENTITY_BEHAVIOURS,
     LIST_ONLY_BEHAVIOURS,
     PDS_BEHAVIOURS,
     RATE_LIMIT_BEHAVIOURS,
+    RELAY_ERRORS,
+    RELAY_HUGE_BYTES,
     VERIFIED_BEHAVIOURS,
     junk_per_page,
     param_float,
@@ -30,9 +39,11 @@ from daemon.simnet.behaviours import (
     rate_limit_times,
 )
 from daemon.simnet.ids import rev_for
+from daemon.simnet.pds import huge_entries
 from daemon.simnet.records import Record, make_record, record_json
 from daemon.simnet.repos import MIB, account_public_key
 from daemon.simnet.spec import Account, DaemonLimits, NetworkSpec
+from daemon.simnet.sync import tiny_filler_blocks
 from daemon.simnet.views import account_state, effective_behaviour, first_record, pair_listing
 
 RecordTuple = tuple[str, str, str, str]
@@ -110,8 +121,21 @@ def _list_error(
             return "rate_limit_exhausted"
         return "too_many_pages" if pages > limits.max_pages_per_collection else None
     if name == "pds_huge" and param_float(params, "mib") * MIB <= limits.max_response_bytes:
-        return "bad_response"  # small enough to read, but never valid JSON
+        return _huge_error(params, per_page, account.did, collection)  # small enough to read: its shape
     return PDS_BEHAVIOURS[name]
+
+
+def _huge_error(params: Mapping[str, object], per_page: int, did: str, collection: str) -> str | None:
+    """The code of a pds_huge body under max_response_bytes, by its shape (behaviours.HUGE_SHAPES)."""
+    shape = param_str(params, "shape")
+    size = param_float(params, "mib") * MIB
+    if shape == "minimal_records" and huge_entries(shape, size, did, collection) <= per_page:
+        return None  # few enough for a page: every entry is skipped (invalid_uri)
+    if shape == "huge_value":
+        # the body and its typed decode are held while the value's generic decode reserves its worst case
+        cost = size * (1 + TYPED_DECODE_FACTOR) + size * GENERIC_DECODE_FACTOR
+        return "response_too_large" if cost > DEFAULT_BUDGET_BYTES else None  # else skipped (cid_mismatch)
+    return HUGE_SHAPES[shape]
 
 
 def _verified_error(
@@ -128,10 +152,37 @@ def _verified_error(
         if target is None or target[0] != collection:
             return None
     if name == "car_huge" and param_float(params, "size_mib") * MIB <= limits.max_car_bytes:
-        return None  # the whole repo fits under the cap
+        return _huge_car_error(params)  # under the cap
     if name in VERIFIED_BEHAVIOURS:
         return VERIFIED_BEHAVIOURS[name]
     return PDS_BEHAVIOURS[name]
+
+
+def _huge_car_error(params: Mapping[str, object]) -> str | None:
+    """The code of a car_huge CAR under max_car_bytes: a getRepo holds every dag-cbor block until the walk
+    is done, so tiny filler blocks can be more than the memory budget holds; raw blocks (blobs), and the
+    extra blocks of getBlocks or getRecord, are dropped."""
+    block_bytes = param_int(params, "block_bytes")
+    if param_str(params, "endpoint") != "getRepo" or not block_bytes:
+        return None
+    if param_str(params, "block_codec") != "dag-cbor":
+        return None
+    blocks = tiny_filler_blocks(block_bytes, int(param_float(params, "size_mib") * MIB))
+    return "response_too_large" if blocks * (block_bytes + HELD_BLOCK_COST) > DEFAULT_BUDGET_BYTES else None
+
+
+def discovery_error(spec: NetworkSpec, collection: str, limits: DaemonLimits = DEFAULT_LIMITS) -> str | None:
+    """The error code a correct daemon fails the ``discover`` job of ``collection`` with (None: done).
+
+    relay_huge's page is refused when its generic decode may cost more than the memory budget, else its
+    entries are all skipped."""
+    mode = spec.relay_behaviour.get(collection)
+    if mode is None:
+        return None
+    if mode == "relay_huge":
+        decoded = RELAY_HUGE_BYTES * (1 + GENERIC_DECODE_FACTOR) > DEFAULT_BUDGET_BYTES
+        return "response_too_large" if decoded or limits.max_response_bytes < RELAY_HUGE_BYTES else None
+    return RELAY_ERRORS[mode]
 
 
 def _pairs(

@@ -45,7 +45,9 @@ from daemon.simnet.actions import (
 )
 from daemon.simnet.behaviours import (
     ACCOUNT_STATES,
+    EMPTY_OBJECT,
     JUNK_KINDS,
+    MINIMAL_RECORD,
     PDS_BEHAVIOURS,
     RATE_LIMIT_BEHAVIOURS,
     UNAVAILABLE,
@@ -67,7 +69,7 @@ from daemon.simnet.ids import (
 )
 from daemon.simnet.ratelimit import HostRateLimits
 from daemon.simnet.records import listed_entry, pair_keys, record_cid
-from daemon.simnet.repos import MIB, RepoCache
+from daemon.simnet.repos import MIB, Repo, RepoCache
 from daemon.simnet.spec import Account, NetworkSpec
 from daemon.simnet.sync import (
     GET_BLOCKS,
@@ -79,6 +81,7 @@ from daemon.simnet.sync import (
     huge_repo,
     missing_param,
     repo_status,
+    with_filler,
 )
 from daemon.simnet.views import Listing, effective_behaviour, pair_listing
 
@@ -87,6 +90,8 @@ REDIRECT_TARGET: Final = "/redirect-target"
 DEFAULT_PAGE_LIMIT: Final = 50
 # About 64 KiB of a record that never closes the array: pds_huge repeats it to the size asked for.
 HUGE_FILLER: Final = b'{"uri":"at://did:plc:huge/x.y.z/3aaaaaaaaaaaa","cid":"bafyreihuge"},' * 1000
+# The other pds_huge shapes repeat about this many bytes of entries per chunk.
+HUGE_UNITS_PER_CHUNK: Final = 65_536
 # Modes whose listRecords answer never depends on the request.
 FIXED_ANSWERS: Final[Mapping[str, Action]] = {
     "pds_500": INTERNAL_ERROR,
@@ -307,7 +312,12 @@ class PdsHandler:
     def _huge(self, request: PdsRequest) -> Action:
         size = param_float(request.params, "mib") * MIB
         declare = param_bool(request.params, "declare_length")
-        return Stream(b'{"records":[', HUGE_FILLER, math.ceil(size / len(HUGE_FILLER)), b"", 0.0, declare)
+        shape = param_str(request.params, "shape")
+        if shape == "junk":
+            return Stream(b'{"records":[', HUGE_FILLER, math.ceil(size / len(HUGE_FILLER)), b"", 0.0, declare)
+        head, unit, tail = huge_parts(shape, *request.pair)
+        filler, repeat, rest = _huge_layout(len(head) + len(tail), unit, size)
+        return Stream(head, filler, repeat, (unit + b",") * rest + tail, 0.0, declare)
 
     def _too_many(self, request: PdsRequest) -> Action:
         did, collection = request.pair
@@ -407,17 +417,36 @@ class PdsHandler:
         action: Action
         if path == GET_REPO_STATUS:
             action = repo_status(did, rev_for(did, account.generation))
-        elif name == "car_huge" and path == GET_BLOCKS:
-            action = NOT_IMPLEMENTED
-        elif name == "car_huge" and path == GET_REPO:
+        elif name == "car_huge":
             repo = self._repos.get(self._spec, account)
-            size = int(param_float(params, "size_mib") * MIB)
-            action = huge_repo(repo, size, param_bool(params, "declare_length"))
+            action = self._huge_car(path, repo, args, params, self._spec.position(did))
         else:
             action = answer(path, self._repos.get(self._spec, account), args)
         if name == "pds_trickle":
             return dribble(action, param_int(params, "bytes"), param_float(params, "interval"))
         return action
+
+    @staticmethod
+    def _huge_car(
+        path: str, repo: Repo, args: Mapping[str, list[str]], params: Mapping[str, object], salt: int
+    ) -> Action:
+        """car_huge: the answer of its ``endpoint`` padded with filler blocks (getBlocks not implemented
+        when the endpoint is getRepo), each account's (``salt``) its own; every other sync answer as
+        usual."""
+        endpoint = "/xrpc/com.atproto.sync." + param_str(params, "endpoint")
+        if endpoint == GET_REPO and path == GET_BLOCKS:
+            return NOT_IMPLEMENTED
+        action = answer(path, repo, args)
+        if path != endpoint or (isinstance(action, Reply) and action.status != 200):
+            return action
+        size = int(param_float(params, "size_mib") * MIB)
+        declare = param_bool(params, "declare_length")
+        block_bytes = param_int(params, "block_bytes")
+        dag_cbor = param_str(params, "block_codec") == "dag-cbor"
+        if path == GET_REPO:
+            return huge_repo(repo, size, declare, block_bytes, dag_cbor, salt)
+        assert isinstance(action, Reply)
+        return with_filler([action.body], size, declare, block_bytes, dag_cbor, salt)
 
     @staticmethod
     def _state_answer(path: str, did: str, state: str | None) -> Reply:
@@ -426,6 +455,37 @@ class PdsHandler:
             return json_reply(200, {"did": did, "active": False, "status": state})
         error, message = _STATE_ERRORS[state]
         return error_reply(400, error, message.format(did))
+
+
+def huge_parts(shape: str, did: str, collection: str) -> tuple[bytes, bytes, bytes]:
+    """A pds_huge body of ``shape`` (not "junk") as ``head``, the repeated entry ``unit`` and ``tail``: the
+    body is ``head + (unit + ",") * n + tail``."""
+    if shape == "huge_value":
+        # one record a correct daemon must decode to check: its URI and CID are well formed
+        rkey = pair_keys(did, collection).rkey(0)
+        cid = record_cid(did, collection, 0)
+        head = f'{{"records":[{{"uri":"at://{did}/{collection}/{rkey}","cid":"{cid}","value":['.encode()
+        return head, EMPTY_OBJECT, EMPTY_OBJECT + b"]}]}"
+    unit = MINIMAL_RECORD if shape == "minimal_records" else EMPTY_OBJECT
+    return b'{"records":[', unit, unit + b"]}"
+
+
+def huge_entries(shape: str, size: float, did: str, collection: str) -> int:
+    """How many entries the ``records`` array (or, for "huge_value", its one value) of a pds_huge body of
+    ``shape`` (not "junk") and at most ``size`` bytes for the pair holds, as :meth:`PdsHandler._huge`
+    builds it."""
+    head, unit, tail = huge_parts(shape, did, collection)
+    filler, repeat, rest = _huge_layout(len(head) + len(tail), unit, size)
+    return (repeat * len(filler) + rest * (len(unit) + 1)) // (len(unit) + 1) + 1
+
+
+def _huge_layout(fixed: int, unit: bytes, size: float) -> tuple[bytes, int, int]:
+    """A filler of about 64 KiB of ``unit,`` entries, how many times it fits in ``size`` bytes besides the
+    ``fixed`` ones, and how many more single entries fill the rest."""
+    filler = (unit + b",") * (HUGE_UNITS_PER_CHUNK // (len(unit) + 1))
+    room = max(0, int(size) - fixed)
+    repeat = room // len(filler)
+    return filler, repeat, (room - repeat * len(filler)) // (len(unit) + 1)
 
 
 def _gone_message(did: str) -> tuple[str, str]:

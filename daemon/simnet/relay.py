@@ -14,10 +14,12 @@ from daemon.simnet.actions import (
     PageCache,
     Reply,
     Request,
+    Stream,
     error_reply,
     json_reply,
     parse_query,
 )
+from daemon.simnet.behaviours import RELAY_HUGE_BYTES, RELAY_HUGE_ENTRY
 from daemon.simnet.expectations import relay_dids
 from daemon.simnet.spec import NetworkSpec
 
@@ -31,6 +33,21 @@ RELAY_JUNK: Final[tuple[object, ...]] = (
     {"did": 7},
     {"did": "not a did"},
     {"did": ""},
+)
+
+
+# relay_huge: {"repos":[...]} of junk entries, just under max_response_bytes, in chunks of about 64 KiB.
+_HUGE_HEAD: Final = b'{"repos":['
+_HUGE_FILLER: Final = (RELAY_HUGE_ENTRY + b",") * (65_536 // (len(RELAY_HUGE_ENTRY) + 1))
+_HUGE_ROOM: Final = RELAY_HUGE_BYTES - len(_HUGE_HEAD) - len(RELAY_HUGE_ENTRY) - 2
+_HUGE_REST: Final = (_HUGE_ROOM % len(_HUGE_FILLER)) // (len(RELAY_HUGE_ENTRY) + 1)
+RELAY_HUGE: Final = Stream(
+    _HUGE_HEAD,
+    _HUGE_FILLER,
+    _HUGE_ROOM // len(_HUGE_FILLER),
+    (RELAY_HUGE_ENTRY + b",") * _HUGE_REST + RELAY_HUGE_ENTRY + b"]}",
+    0.0,
+    False,
 )
 
 
@@ -72,6 +89,8 @@ class RelayHandler:
             return json_reply(200, ["repos"])
         if mode == "relay_missing_repos":
             return json_reply(200, {"cursor": cursor or "did:plc:zzzzzzzzzzzzzzzzzzzzzzzz"})
+        if mode == "relay_huge":
+            return RELAY_HUGE
         key = ("relay", self._generation, collection, limit, cursor)
         body = self._cache.get(key)
         if body is None:

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from typing import Final
 
 from daemon.atproto.car import encode_car
-from daemon.atproto.cid import RAW_PREFIX, Cid, format_cid, parse_cid
+from daemon.atproto.cid import DAG_CBOR_PREFIX, RAW_PREFIX, Cid, format_cid, parse_cid
 from daemon.atproto.syntax import is_valid_nsid, is_valid_record_key
 from daemon.errors import SyntaxValidationError
 from daemon.simnet.actions import CAR, Action, Chunks, Reply, error_reply, json_reply
@@ -35,6 +35,9 @@ SYNC_METHODS: Final = frozenset({GET_RECORD, GET_LATEST_COMMIT, GET_BLOCKS, GET_
 # Methods whose answer needs the account's repo built (getRepoStatus only needs the rev).
 REPO_METHODS: Final = SYNC_METHODS - {GET_REPO_STATUS}
 _FILLER_SECTION: Final = MIB  # bytes per filler section of a car_huge getRepo
+# How tiny filler blocks begin: like every MST node block (a two-entry map whose first key is "e").
+_NODE_START: Final = b"\xa2\x61\x65"
+_FILLER_CHUNK: Final = 256 * 1024  # tiny filler sections are sent in pieces of about this size
 
 
 def missing_param(name: str) -> Reply:
@@ -111,11 +114,46 @@ def filler_section(total: int) -> bytes:
     raise ValueError(f"no CAR section of {total} bytes")
 
 
-def huge_repo(repo: Repo, size: int, declare_length: bool) -> Chunks:
-    """A getRepo CAR of ``size`` bytes (or the repo's own size if larger): the whole repo, then raw filler
-    blocks no walk needs; streamed, never held whole."""
-    real = sum(len(chunk) for chunk in repo.car_chunks())
+def huge_repo(
+    repo: Repo,
+    size: int,
+    declare_length: bool,
+    block_bytes: int = 0,
+    dag_cbor: bool = False,
+    salt: int = 0,
+) -> Chunks:
+    """A getRepo CAR of ``size`` bytes (or the repo's own size if larger): the whole repo, then filler
+    blocks no walk needs (1 MiB raw sections; or of ``block_bytes`` each, with dag-cbor CIDs if
+    ``dag_cbor``, distinct for each ``salt``); streamed, never held whole."""
+    return with_filler(list(repo.car_chunks()), size, declare_length, block_bytes, dag_cbor, salt)
+
+
+def with_filler(
+    car: list[bytes],
+    size: int,
+    declare_length: bool,
+    block_bytes: int = 0,
+    dag_cbor: bool = False,
+    salt: int = 0,
+) -> Chunks:
+    """The CAR ``car`` (its pieces), then filler blocks up to ``size`` bytes in all (see huge_repo)."""
+    real = sum(len(chunk) for chunk in car)
     extra = max(0, size - real)
+    if block_bytes:
+        pieces = tiny_filler(block_bytes, size, dag_cbor, salt)
+        section = _tiny_section_length(block_bytes)
+        count = extra // section
+        per_piece = len(pieces[0]) // section if pieces else 1
+        whole, rest = divmod(count, per_piece)
+        tail = pieces[whole][: rest * section] if rest else b""
+        total = real + count * section
+
+        def tiny() -> Iterator[bytes]:
+            yield from car
+            yield from pieces[:whole]
+            yield tail
+
+        return Chunks(tiny, total if declare_length else None)
     full, rest = divmod(extra, _FILLER_SECTION)
     sections = [_FILLER_SECTION] * full
     if rest and sections and rest < 40:
@@ -124,12 +162,43 @@ def huge_repo(repo: Repo, size: int, declare_length: bool) -> Chunks:
         sections.append(rest)
 
     def chunks() -> Iterator[bytes]:
-        yield from repo.car_chunks()
+        yield from car
         for length in sections:
             yield filler_section(length)
 
     total = real + sum(sections)
     return Chunks(chunks, total if declare_length else None)
+
+
+def _tiny_section_length(block_bytes: int) -> int:
+    return len(_varint(36 + block_bytes)) + 36 + block_bytes
+
+
+def tiny_filler_blocks(block_bytes: int, size: int) -> int:
+    """How many filler blocks of ``block_bytes`` fit in ``size`` bytes (what :func:`tiny_filler` makes)."""
+    return size // _tiny_section_length(block_bytes)
+
+
+@functools.lru_cache(maxsize=8)
+def tiny_filler(block_bytes: int, size: int, dag_cbor: bool = False, salt: int = 0) -> tuple[bytes, ...]:
+    """As many CAR sections of distinct blocks of ``block_bytes`` (>= 8) as fit in ``size`` bytes, in
+    pieces of about 256 KiB (the same number of sections each). Each block starts like an MST node block;
+    their CIDs (raw, or dag-cbor if ``dag_cbor``) match; fillers of different ``salt`` (the account) share
+    no block. Built once and shared by every answer of the account (a prefix of it for a smaller one)."""
+    prefix = DAG_CBOR_PREFIX if dag_cbor else RAW_PREFIX
+    section_length = _tiny_section_length(block_bytes)
+    count = size // section_length
+    first = salt * count
+    per_piece = max(1, _FILLER_CHUNK // section_length)
+    head = _varint(36 + block_bytes)
+    pieces: list[bytes] = []
+    for start in range(0, count, per_piece):
+        parts: list[bytes] = []
+        for index in range(start, min(count, start + per_piece)):
+            data = _NODE_START + (first + index).to_bytes(block_bytes - len(_NODE_START), "big")
+            parts += (head, prefix, hashlib.sha256(data).digest(), data)
+        pieces.append(b"".join(parts))
+    return tuple(pieces)
 
 
 def dribble(action: Action, count: int, interval: float) -> Action:
