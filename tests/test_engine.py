@@ -137,7 +137,7 @@ async def wait_for(engine: Engine, predicate: Callable[[list[Job]], bool]) -> li
 async def write_page(ctx: JobContext, job: Job, n: int, *, cursor: str | None = None) -> None:
     """What a real handler does per page: write records under the job's lease."""
     db = ctx._engine.db  # type: ignore[attr-defined]
-    await db.run(
+    result = await db.run(
         db.store.apply_page,
         job.lease,
         did=job.did or "",
@@ -148,6 +148,7 @@ async def write_page(ctx: JobContext, job: Job, n: int, *, cursor: str | None = 
         complete=cursor is None,
         now=ctx.now(),
     )
+    ctx.finished(result.finished)
 
 
 def all_final(jobs: list[Job]) -> bool:
@@ -434,6 +435,45 @@ async def test_cancelling_a_run_cancels_its_running_job(
         assert engine.cancel_run(run_id) == 1
         [job] = await wait_for(engine, all_final)
     assert job.state == "cancelled"
+
+
+async def test_a_job_its_last_page_finished_stays_done_whatever_comes_after(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, hop: str
+) -> None:
+    """The last page finishes the job in its own transaction: a cancel of the run that lands while the
+    handler is still busy after it changes nothing, and no finish of its own is written."""
+    last_page_written = trio.Event()
+
+    async def handler(job: Job, ctx: JobContext) -> None:
+        if job.did == dids(2)[0]:
+            await write_page(ctx, job, 3)
+            last_page_written.set()
+        await trio.sleep_forever()  # cancelled with its run
+
+    finishes: list[str] = []
+    async with running_engine(tmp_path, handler, hop=hop) as engine:
+        store = engine.db.store
+        finish_job = store.finish_job
+
+        def recording_finish_job(lease: Any, **kw: Any) -> Job:
+            finishes.append(kw["state"])
+            return finish_job(lease, **kw)
+
+        store.finish_job = recording_finish_job  # type: ignore[method-assign]
+        run_id = await enqueue(engine, 2)
+        await last_page_written.wait()
+        assert await engine.db.run(engine.db.store.cancel_run, run_id, wall()) is True
+        assert engine.cancel_run(run_id) == 2
+        finished, cancelled = await wait_for(engine, all_final)
+        run = await engine.db.run(engine.db.store.get_run, run_id)
+    assert finishes == [
+        "cancelled"
+    ]  # the other job's (refused: the cancel got there first); none for this one
+    assert (finished.state, finished.pages, finished.records_enqueued) == ("done", 1, 3)
+    assert cancelled.state == "cancelled"
+    assert run is not None and run.state == "cancelled"
+    assert run.jobs["done"] == run.jobs["cancelled"] == 1
+    assert engine.metrics.jobs_finished.labels("backfill", "done")._value.get() == 1
 
 
 async def test_waits_for_a_pause_another_job_caused_cost_nothing(

@@ -77,7 +77,7 @@ def backfill_once(store: Store, did: str, records: Sequence[ListedRecord], **kw:
     explicit(store, [did], **kw)
     [job] = claim(store)
     result = page(store, job, records)
-    store.finish_job(job.lease, state="done", now=NOW)
+    assert result.finished is not None  # the listing's one page finished the job
     return result
 
 
@@ -124,8 +124,8 @@ def test_a_stale_lease_can_write_nothing(store: Store) -> None:
     with pytest.raises(JobLost):
         store.reschedule_job(job.lease, not_before=NOW, now=NOW, refund_attempt=True)
     assert queue(store) == []
-    page(store, fresh, listed(("a", "c1")))
-    assert store.finish_job(fresh.lease, state="done", now=NOW).state == "done"
+    finished = page(store, fresh, listed(("a", "c1"))).finished
+    assert finished is not None and finished.state == "done"
 
 
 def test_backpressure_claims_only_discover_jobs(store: Store) -> None:
@@ -184,26 +184,38 @@ def test_cancel_stops_pending_and_running_jobs_of_the_run(store: Store) -> None:
     assert run.finished_at == NOW + 1
 
 
-def test_a_listing_whose_last_page_is_written_is_done_and_a_cancel_leaves_it_so(store: Store) -> None:
+def test_a_listings_last_page_finishes_its_job_and_a_cancel_leaves_it_done(store: Store) -> None:
     backfill_once(store, DID_A, listed(("a", "c1"), ("b", "c2")))
     backfill_once(store, DID_B, listed(("a", "c1")))
     last = queue(store)[-1]["id"]
     run_id = explicit(store, [DID_A, DID_B])
     complete, unfinished = sorted(claim(store), key=lambda job: job.did or "")
-    assert page(store, complete, listed(("a", "c1"))) == PageResult(deleted=1)
-    assert store.get_job(complete.id).state == "done"  # type: ignore[union-attr]
-    assert store.renew_leases([complete.lease], owner="test", until=NOW + 60) == {complete.id}
+    assert page(store, unfinished, listed(("a", "c1")), cursor="more").finished is None
+    result = page(store, complete, listed(("a", "c1")))
+    assert result == PageResult(deleted=1)
+    assert result.finished is not None and result.finished.state == "done"
+    assert (result.finished.pages, result.finished.records_enqueued) == (1, 1)
+    assert store.get_job(complete.id) == result.finished
+    # done, its lease released, in the page's own transaction: nothing more to write or renew
+    assert store.renew_leases([complete.lease], owner="test", until=NOW + 60) == set()
+    for state in ("done", "cancelled"):
+        with pytest.raises(JobLost):
+            store.finish_job(complete.lease, state=state, now=NOW + 1)
     assert store.cancel_run(run_id, NOW + 1) is True
     # the delete came from a complete listing: its job stays done, never cancelled
     assert [(e["did"], e["operation"], e["rkey"]) for e in queue(store, last)] == [(DID_A, "delete", "b")]
-    with pytest.raises(JobLost):
-        store.finish_job(complete.lease, state="cancelled", now=NOW + 1)
-    assert store.finish_job(complete.lease, state="done", now=NOW + 1).state == "done"
-    with pytest.raises(JobLost):
-        store.finish_job(complete.lease, state="done", now=NOW + 1)  # released: finished once
     assert store.get_job(unfinished.id).state == "cancelled"  # type: ignore[union-attr]
     run = store.get_run(run_id)
-    assert run is not None and run.state == "cancelled" and run.jobs["done"] == run.jobs["cancelled"] == 1
+    assert run is not None and run.state == "cancelled"
+    assert run.jobs["done"] == run.jobs["cancelled"] == 1
+
+
+def test_the_last_page_of_the_last_job_finishes_the_run(store: Store) -> None:
+    run_id = explicit(store, [DID_A])
+    [job] = claim(store)
+    page(store, job, listed(("a", "c1")))
+    run = store.get_run(run_id)
+    assert run is not None and run.state == "finished" and run.finished_at == NOW
 
 
 def test_cancelling_a_finished_run_changes_nothing(store: Store) -> None:

@@ -255,8 +255,8 @@ def test_a_stale_lease_writes_nothing_once_another_daemon_took_it_over(
         dead.finish_job(held.lease, state="done", now=NOW)
     assert dead.renew_leases([held.lease], owner="dead", until=NOW + 100) == set()
     assert alive.renew_leases([taken.lease], owner="alive", until=NOW + 100) == {taken.id}
-    assert page(alive, taken, listed("a", 2)) == PageResult()
-    alive.finish_job(taken.lease, state="done", now=NOW)
+    last = page(alive, taken, listed("a", 2))
+    assert last == PageResult() and last.finished is not None and last.finished.state == "done"
     text, _ = alive.list_records_json(after=0, limit=100)
     assert [e["rkey"] for e in json.loads(text)] == ["a0000", "a0001"]
     run = alive.get_run(run_id)

@@ -34,6 +34,8 @@ class JobContext:
         self._engine = engine
         self.job = job
         self.host: str | None = None
+        # The job as the store left it when its listing's last page also finished it (see finished()).
+        self.finished_job: Job | None = None
 
     def now(self) -> float:
         """Wall-clock unix time (injected; tests drive it)."""
@@ -43,6 +45,12 @@ class JobContext:
     def interrupted(self) -> bool:
         """True once the job should stop after its current page (shutdown, or its run was cancelled)."""
         return self._engine.stopping or self.job.id in self._engine.cancelled_jobs
+
+    def finished(self, job: Job | None) -> None:
+        """Tell the engine the store already finished the job (``done``, in the transaction of its last
+        page): its outcome is written, whatever the handler does after. None: not finished."""
+        if job is not None:
+            self.finished_job = job
 
     def notify_new_work(self) -> None:
         """Tell the dispatcher the job queued new jobs."""

@@ -282,6 +282,10 @@ class Engine:
             job_id=job.id, run_id=job.run_id, kind=job.kind, did=job.did, collection=job.collection
         ):
             error = await self._run_handler(job, context)
+            if context.finished_job is not None:
+                # done in the transaction of its last page: nothing that came after changes that
+                self._report_finished(job, context.finished_job, trio.current_time() - started)
+                return
             if isinstance(error, JobError | RateLimited):
                 self.metrics.job_errors.labels(error.code).inc()
             elif isinstance(error, StoreError):
@@ -374,16 +378,20 @@ class Engine:
             error_code=outcome.error_code,
             last_error=outcome.last_error,
         )
-        self.metrics.jobs_finished.labels(job.kind, outcome.state).inc()
+        self._report_finished(job, finished, elapsed)
+
+    def _report_finished(self, job: Job, finished: Job, elapsed: float) -> None:
+        """Metrics and the one summary line of a job that reached a final state."""
+        self.metrics.jobs_finished.labels(job.kind, finished.state).inc()
         self.metrics.job_duration.labels(job.kind).observe(elapsed)
         log.info(
             "job finished",
-            state=outcome.state,
+            state=finished.state,
             attempts=job.attempts,
             pages=finished.pages,
             records=finished.records_enqueued,
             skipped=finished.records_skipped,
             seconds=round(elapsed, 3),
-            error_code=outcome.error_code,
-            error=outcome.last_error,
+            error_code=finished.error_code,
+            error=finished.last_error,
         )

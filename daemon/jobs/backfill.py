@@ -184,6 +184,7 @@ class BackfillHandler:
                 complete=next_cursor is None,
                 now=ctx.now(),
             )
+        ctx.finished(result.finished)
         self._metrics.pages_fetched.labels(job.collection).inc()
         self._metrics.records_enqueued.labels(job.collection).inc(result.written)
         if skipped:

@@ -416,6 +416,7 @@ class VerifiedHandler:
             rev=commit.rev,
             verified=True,
         )
+        ctx.finished(result.finished)
         self._metrics.records_enqueued.labels(job.collection).inc(result.written)
         if walked.skipped:
             self._metrics.records_skipped.labels(job.collection).inc(walked.skipped)

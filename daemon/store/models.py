@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 JOB_STATES = ("pending", "running", "done", "failed", "cancelled")
@@ -98,11 +98,13 @@ class ListedRecord:
 
 @dataclass(frozen=True, slots=True)
 class PageResult:
-    """What one page of a listing wrote to the records queue."""
+    """What one page of a listing wrote to the records queue; ``finished``: the job as the listing's last
+    page left it (``done``, its lease released), None for any other page."""
 
     created: int = 0
     updated: int = 0
     deleted: int = 0
+    finished: Job | None = field(default=None, compare=False)
 
     @property
     def written(self) -> int:

@@ -426,7 +426,7 @@ class Store:
         with self._tx() as conn:
             for lease in leases:
                 row = conn.execute(
-                    "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND state IN ('running', 'done') "
+                    "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND state = 'running' "
                     "AND lease_token = ? AND lease_owner = ? RETURNING id",
                     (until, lease.job_id, lease.token, owner),
                 ).fetchone()
@@ -445,18 +445,13 @@ class Store:
         error_code: str | None = None,
         last_error: str | None = None,
     ) -> Job:
-        """Move a running job to a final state (done, failed, cancelled); returns the job as updated.
-
-        A job whose listing's last page made it ``done`` (:meth:`apply_page`) is finished ``done`` under
-        the same lease; any other outcome for it is refused (JobLost), as for a job that is not running.
-        """
+        """Move a running job to a final state (done, failed, cancelled); returns the job as updated."""
         with self._tx() as conn:
             row = conn.execute(
                 "UPDATE jobs SET state = ?, error_code = ?, last_error = ?, lease_owner = NULL, "
                 "lease_expires_at = NULL, crashes = 0, updated_at = ? "
-                "WHERE id = ? AND lease_token = ? AND lease_owner IS NOT NULL "
-                f"AND (state = 'running' OR (state = 'done' AND ? = 'done')) RETURNING {JOB_COLUMNS}",
-                (state, error_code, last_error, now, lease.job_id, lease.token, state),
+                f"WHERE id = ? AND state = 'running' AND lease_token = ? RETURNING {JOB_COLUMNS}",
+                (state, error_code, last_error, now, lease.job_id, lease.token),
             ).fetchone()
             if row is None:
                 raise JobLost(f"job {lease.job_id} is no longer running under lease {lease.token}")
@@ -548,9 +543,9 @@ class Store:
         cursor, or the last written key of a walk) moves on in the same transaction, so a retried page
         finds its records already stamped and writes nothing twice. With ``complete`` (the listing's last
         page) the set's records this pass did not see are written as ``delete`` and leave the set, and the
-        job is ``done`` in the same transaction: a cancel that comes after finds nothing left to stop, so a
-        job that wrote deletes never ends ``cancelled`` (SPEC 6.4). Its lease stays until
-        :meth:`finish_job` (which accepts ``done`` for it) releases it.
+        job is ``done``, its lease released, in the same transaction (returned as ``finished``): a cancel
+        that comes after finds nothing left to stop, so a job that wrote deletes never ends ``cancelled``
+        (SPEC 6.4), and the job needs no :meth:`finish_job` call of its own.
         """
         with self._tx() as conn:
             run_id, full, listing_pass = self._hold(conn, lease, now)
@@ -589,16 +584,22 @@ class Store:
             self._write_records(conn, did, collection, run_id, rev, verified, writes)
             if writes:
                 self._add_depth(conn, len(writes))
-            conn.execute(
+            counts = (cursor, len(writes), skipped, created, updated, deleted)
+            progress = (
                 "UPDATE jobs SET cursor = ?, pages = pages + 1, records_enqueued = records_enqueued + ?, "
                 "records_skipped = records_skipped + ?, ops_create = ops_create + ?, "
-                "ops_update = ops_update + ?, ops_delete = ops_delete + ?, crashes = 0, "
-                "state = CASE WHEN ? THEN 'done' ELSE state END WHERE id = ?",
-                (cursor, len(writes), skipped, created, updated, deleted, complete, lease.job_id),
+                "ops_update = ops_update + ?, ops_delete = ops_delete + ?, crashes = 0"
             )
-            if complete:
-                self._mark_finished_if_idle(conn, run_id, now)
-            return PageResult(created, updated, deleted)
+            if not complete:
+                conn.execute(progress + " WHERE id = ?", (*counts, lease.job_id))
+                return PageResult(created, updated, deleted)
+            row = conn.execute(
+                progress + ", state = 'done', error_code = NULL, last_error = NULL, lease_owner = NULL, "
+                f"lease_expires_at = NULL WHERE id = ? RETURNING {JOB_COLUMNS}",
+                (*counts, lease.job_id),
+            ).fetchone()
+            self._mark_finished_if_idle(conn, run_id, now)
+            return PageResult(created, updated, deleted, job_from_row(row))
 
     def _pair_id(self, conn: Connection, did: str, collection: str) -> int:
         row = conn.execute(
