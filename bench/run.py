@@ -13,7 +13,7 @@ Scenarios (issue 12), each reported as ratios within one run:
 - (d) verified mode on the networks of (a) and (c): records/s, the ratio to list mode's records/s on the
   same network in the same run, and requests per pair;
 - (e) peak RSS: of every daemon run above, and of list- and verified-mode runs against hostile bodies
-  (bodies just under and over the size caps, and any dense-body mode the simulated network has);
+  (bodies just under and over the size caps, in every hostile shape the simulated network has);
 - b200 (not run by default): 200 ms per request, 96 accounts x 400, list mode, a diagnostic of (b).
 
 Each network is one ``python -m daemon.simnet`` process (``python -m bench.hostile`` for (e)), warmed up by
@@ -105,18 +105,24 @@ class Network:
 
 # The hostile bodies of scenario (e) (issue 9): per worker, a body as large as the daemon lets in. In list
 # mode the pds_huge accounts send a listRecords body of 7.9 MiB (under max_response_bytes, 8 MiB: read and
-# decoded whole; an array of about 120,000 small objects that never closes) or of 64 MiB (cut at the cap);
-# in verified mode the car_huge accounts have no getBlocks and send a getRepo CAR of 63 MiB (under
-# max_car_bytes, 64 MiB: the whole repo, then raw filler blocks no walk needs) or of 96 MiB (cut at the
-# cap). Each kind of account is healthy in the other mode. Dense-body modes of the simulated network (any
-# behaviour whose name contains "dense", e.g. an 8 MB ``[{},{},...]``) join automatically, 24 accounts each.
+# decoded whole) of each shape the simulated network has: an array of about 120,000 small objects that
+# never closes ("junk"), ``{"records":[{},{},...]}`` (the dense body that costs ~190 MiB once a generic
+# JSON decoder has it), a page of minimal ``{"uri","cid"}`` entries far over the page size, and one
+# record whose value is ``[{},{},...]``; or a body of 64 MiB (cut at the cap). In verified mode the
+# car_huge accounts have no getBlocks and send a getRepo CAR of 63 MiB (under max_car_bytes, 64 MiB: the
+# whole repo, then filler blocks no walk needs: 1 MiB raw blocks, or 8-byte DAG-CBOR blocks, the most
+# blocks a CAR of that size can hold) or of 96 MiB (cut at the cap). Each kind of account is healthy in
+# the other mode.
 HOSTILE_BODIES: tuple[tuple[str, int, dict[str, object]], ...] = (
-    ("pds_huge", 24, {"mib": 7.9}),
+    ("pds_huge", 8, {"mib": 7.9}),
+    ("pds_huge", 8, {"mib": 7.9, "shape": "empty_records"}),
+    ("pds_huge", 8, {"mib": 7.9, "shape": "minimal_records"}),
+    ("pds_huge", 8, {"mib": 7.9, "shape": "huge_value"}),
     ("pds_huge", 8, {}),
-    ("car_huge", 16, {"size_mib": 63}),
+    ("car_huge", 12, {"size_mib": 63}),
+    ("car_huge", 4, {"size_mib": 63, "block_bytes": 8, "block_codec": "dag-cbor"}),
     ("car_huge", 8, {}),
 )
-DENSE_ACCOUNTS = 24
 
 NETWORKS: dict[str, Network] = {
     "A": Network("A", "0 ms, 1,000 accounts x 400 records, 4 hosts", 1000, 400, repeat=2),
@@ -179,23 +185,13 @@ def plan(
     return [legs[key] for key in NETWORKS if key in legs]
 
 
-def dense_modes() -> list[str]:
-    """The simulated network's dense-body behaviours, if it has any yet."""
-    try:
-        from daemon.simnet.behaviours import ACCOUNT_BEHAVIOURS
-    except ImportError:
-        return []
-    return sorted(name for name in ACCOUNT_BEHAVIOURS if "dense" in name)
-
-
 def network(
     key: str, *, quick: bool, extra_hostile: Sequence[tuple[str, int, dict[str, object]]] = ()
 ) -> Network:
     """Network ``key``, scaled to 1/10 of its well-behaved accounts and one repetition with ``quick``."""
     net = NETWORKS[key]
     if key == "H":
-        hostile = (*HOSTILE_BODIES, *((mode, DENSE_ACCOUNTS, {}) for mode in dense_modes()), *extra_hostile)
-        net = replace(net, hostile=tuple(hostile))
+        net = replace(net, hostile=(*HOSTILE_BODIES, *extra_hostile))
     if quick:
         net = replace(
             net, title=net.title + " [quick: 1/10 of the accounts]", accounts=net.accounts // 10, repeat=1
@@ -809,14 +805,11 @@ def targets(document: dict[str, Any], chosen: Sequence[str]) -> list[dict[str, A
                     )
                 )
         if "H" in nets:
-            dense = [name for name, _, _ in nets["H"]["network"]["hostile"] if "dense" in name]
             for mode in nets["H"]["modes"]:
                 entry = daemon("H", mode)
                 if entry is None:
                     continue
                 note = ", ".join(sorted({format_behaviour(*h) for h in nets["H"]["network"]["hostile"]}))
-                if not dense:
-                    note += "; no dense-body mode in the simulated network yet (issue 9's [{},{},...])"
                 if not entry["daemon"]["complete"]:
                     note += "; outcomes differ from a correct daemon's: " + incomplete(entry["daemon"])
                 out.append(
