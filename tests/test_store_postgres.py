@@ -25,6 +25,7 @@ from daemon.store.pg_schema import DEPTH_SHARDS, SCHEMA_VERSION
 from daemon.store.pooled import PooledDatabase
 from daemon.store.postgres import PostgresStore, placeholders, redact, translate
 from tests.pgserver import PgServer, free_port
+from tests.test_store_conformance import page
 
 NOW = 1_700_000_000.0
 COLL = "com.example.record"
@@ -39,22 +40,6 @@ def listed(prefix: str, n: int) -> list[ListedRecord]:
         ListedRecord(f"{prefix}{i:04d}", f"c{prefix}{i}", json.dumps({"$type": COLL, "i": i}))
         for i in range(n)
     ]
-
-
-def page(
-    store: PostgresStore, job: Job, records: list[ListedRecord], *, cursor: str | None = None
-) -> PageResult:
-    assert job.did is not None
-    return store.apply_page(
-        job.lease,
-        did=job.did,
-        collection=job.collection,
-        records=records,
-        cursor=cursor,
-        skipped=0,
-        complete=cursor is None,
-        now=NOW,
-    )
 
 
 def claim(store: PostgresStore, limit: int, **kw: Any) -> list[Job]:

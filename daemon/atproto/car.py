@@ -111,9 +111,9 @@ def read_car(
 def encode_car(roots: Sequence[Cid], blocks: Iterable[Block]) -> bytes:
     """Write a CAR v1 (for the simulated network and tests); the blocks are written as given."""
     header = encode_dag_cbor({"version": 1, "roots": [Link(root) for root in roots]})
-    parts = [_varint(len(header)), header]
+    parts = [encode_varint(len(header)), header]
     for cid, data in blocks:
-        parts += (_varint(len(cid) + len(data)), cid, data)
+        parts += (encode_varint(len(cid) + len(data)), cid, data)
     return b"".join(parts)
 
 
@@ -136,7 +136,8 @@ def _read_varint(buf: bytearray, pos: int, end: int) -> tuple[int, int] | None:
     return None
 
 
-def _varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """``value`` as an unsigned LEB128 varint (CAR section lengths)."""
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)

@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Iterator, Mapping
 from typing import Final
 
-from daemon.atproto.car import encode_car
+from daemon.atproto.car import encode_car, encode_varint
 from daemon.atproto.cid import DAG_CBOR_PREFIX, RAW_PREFIX, Cid, format_cid, parse_cid
 from daemon.atproto.syntax import is_valid_nsid, is_valid_record_key
 from daemon.errors import SyntaxValidationError
@@ -94,21 +94,12 @@ def get_blocks(repo: Repo, args: Mapping[str, list[str]]) -> Reply:
     return Reply(200, repo.car(unique), CAR)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 @functools.lru_cache(maxsize=8)
 def filler_section(total: int) -> bytes:
     """A CAR section of exactly ``total`` bytes (>= 40) holding a raw block of zeros (its CID matches)."""
     for length in (1, 2, 3, 4):
         data = bytes(total - length - 36)
-        section = _varint(36 + len(data))
+        section = encode_varint(36 + len(data))
         if len(section) == length:
             return section + RAW_PREFIX + hashlib.sha256(data).digest() + data
     raise ValueError(f"no CAR section of {total} bytes")
@@ -171,7 +162,7 @@ def with_filler(
 
 
 def _tiny_section_length(block_bytes: int) -> int:
-    return len(_varint(36 + block_bytes)) + 36 + block_bytes
+    return len(encode_varint(36 + block_bytes)) + 36 + block_bytes
 
 
 def tiny_filler_blocks(block_bytes: int, size: int) -> int:
@@ -190,7 +181,7 @@ def tiny_filler(block_bytes: int, size: int, dag_cbor: bool = False, salt: int =
     count = size // section_length
     first = salt * count
     per_piece = max(1, _FILLER_CHUNK // section_length)
-    head = _varint(36 + block_bytes)
+    head = encode_varint(36 + block_bytes)
     pieces: list[bytes] = []
     for start in range(0, count, per_piece):
         parts: list[bytes] = []
