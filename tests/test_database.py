@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 import trio
 
 from daemon.errors import StoreError
@@ -190,3 +192,36 @@ async def test_a_queued_call_can_be_cancelled_and_never_runs(tmp_path: Path) -> 
             gate.set()
         assert await db.run(db.store.ping)
         assert ran == []
+
+
+async def test_a_posted_call_returns_at_once_and_runs_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    async with database(path) as db:
+        store = db.store
+        execute(store, "CREATE TABLE t (k TEXT PRIMARY KEY)")
+        gate = threading.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(db.run, gate.wait)
+            await trio.sleep(0.05)
+            # the thread is held: a run() would wait; post() returns while its call is still queued
+            await db.post(execute, store, "INSERT INTO t VALUES ('a')")
+            assert count(path, "t") == 0
+            gate.set()
+        # a later call queues behind it, so it sees its write
+        assert await db.run(execute, store, "SELECT 1 FROM t WHERE k = 'a'") == -1
+        assert count(path, "t") == 1
+
+
+async def test_a_posted_call_that_fails_is_logged_and_raises_nowhere(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    async with database(path) as db:
+        store = db.store
+        execute(store, "CREATE TABLE t (k TEXT PRIMARY KEY)")
+        await db.run(execute, store, "INSERT INTO t VALUES ('a')")
+        with structlog.testing.capture_logs() as logs:
+            await db.post(execute, store, "INSERT INTO t VALUES ('a')")  # unique violation
+            await db.post(execute, store, "INSERT INTO t VALUES ('b')")
+            assert await db.run(store.ping)
+        failed = [e for e in logs if e["event"] == "a store write failed"]
+        assert len(failed) == 1 and failed[0]["call"] == "execute" and "UNIQUE" in failed[0]["error"]
+        assert count(path, "t") == 2

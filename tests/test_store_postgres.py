@@ -16,6 +16,8 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
+import structlog.testing
 import trio
 
 from daemon.errors import Code, JobLost, StartupError, StoreError
@@ -503,3 +505,31 @@ def test_a_consumer_sees_every_id_once_while_daemons_commit_out_of_order(
     assert seen == list(range(seen[0], seen[0] + written))  # none skipped (no transaction rolled back)
     assert acks == written and reader.queue_depth() == 0
     assert commit_order != sorted(commit_order)  # the daemons really did commit out of id order
+
+
+async def test_a_posted_call_on_postgresql_is_done_when_post_returns_and_its_failure_logged(
+    pg_url: str,
+) -> None:
+    db = PooledDatabase(PostgresStore.open(pg_url))
+    try:
+        did_a = "did:plc:" + "p" * 24
+        await db.post(
+            db.store.put_publisher,
+            did=did_a,
+            pds="https://pds.example",
+            signing_key=None,
+            signing_key_id=None,
+            now=NOW,
+        )
+        cached = await db.run(db.store.get_publisher, did_a)
+        assert cached is not None and cached.pds == "https://pds.example"
+
+        def broken() -> None:
+            with db.store._tx() as conn:
+                conn.execute("SELECT * FROM no_such_table")
+
+        with structlog.testing.capture_logs() as logs:
+            await db.post(broken)
+        assert [e["call"] for e in logs if e["event"] == "a store write failed"] == ["broken"]
+    finally:
+        await db.aclose()

@@ -72,7 +72,7 @@ class Resolver:
             now = self._now()
             if cached is not None and now - cached.resolved_at < self._settings.ttl:
                 if now - cached.last_seen_at >= TOUCH_INTERVAL:
-                    await self._db.run(store.touch_publisher, did, now)
+                    await self._db.post(store.touch_publisher, did, now)
                 return DidIdentity(did, cached.pds, cached.signing_key, cached.signing_key_id)
         while (lookup := self._lookups.get(did)) is not None:
             await lookup.done.wait()
@@ -84,7 +84,9 @@ class Resolver:
         lookup = self._lookups[did] = _Lookup()
         try:
             identity = await self._fetch(did)
-            await self._db.run(
+            # the cache is not waited for: the job goes on with the identity it has, and a later lookup
+            # of the DID queues behind this write, so it finds it
+            await self._db.post(
                 store.put_publisher,
                 did=did,
                 pds=identity.pds,

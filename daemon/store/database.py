@@ -8,7 +8,8 @@ error while the database fails, None once a call succeeds again (``/healthz`` re
 :class:`SerialDatabase` (SQLite): one long-lived thread runs every store call, one at a time, in the order
 they were made; the calling trio task sleeps until its call is done. Compared with
 ``trio.to_thread.run_sync`` behind a ``CapacityLimiter(1)``, the next call starts the moment the previous
-one returns rather than once its caller has been rescheduled on the (busy) trio loop.
+one returns rather than once its caller has been rescheduled on the (busy) trio loop. A posted call
+(:meth:`Database.post`) is queued the same way, and nobody waits for it.
 
 Group commit: the calls that queued up while the thread was busy run together in one transaction, each as
 a savepoint, so a call that fails on its own rolls back alone. Every caller is answered only after the
@@ -25,11 +26,14 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import outcome
+import structlog
 import trio
 
 from daemon.errors import StoreError
 from daemon.store.sqlite import GroupAborted, SqliteStore, translate
 from daemon.store.store import Store
+
+log = structlog.get_logger("backfilld.store")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -49,6 +53,15 @@ class Database:
         """Call ``fn(*args, **kwargs)`` (a bound Store method) off the trio thread."""
         raise NotImplementedError
 
+    async def post(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Call ``fn(*args, **kwargs)`` for its effect only: where the backend can, without waiting for it
+        (calls still run in the order they were made, so a later :meth:`run` sees its effect). Its failure
+        is logged, never raised. For writes nobody waits on (the DID cache)."""
+        try:
+            await self.run(fn, *args, **kwargs)
+        except StoreError as exc:
+            log.warning("a store write failed", call=getattr(fn, "__name__", "?"), error=exc.message)
+
     async def aclose(self) -> None:
         """Finish the queued calls, close the store."""
         raise NotImplementedError
@@ -63,12 +76,12 @@ class Database:
 class _Call:
     """One store call on its way through the thread; ``state`` changes under ``lock`` only."""
 
-    __slots__ = ("alone", "fn", "lock", "state", "task", "token")
+    __slots__ = ("alone", "fn", "lock", "name", "state", "task", "token")
 
     def __init__(
         self,
         fn: Callable[[], Any],
-        task: trio.lowlevel.Task,
+        task: trio.lowlevel.Task | None,
         token: trio.lowlevel.TrioToken,
         *,
         alone: bool,
@@ -79,6 +92,7 @@ class _Call:
         self.alone = alone
         self.lock = threading.Lock()
         self.state = _QUEUED
+        self.name = ""  # a posted call's store method, for the log line of its failure
 
     def start(self) -> bool:
         """Claim the call for the thread; False when its caller was cancelled while it waited."""
@@ -117,6 +131,13 @@ class SerialDatabase(Database):
         result: R = await self._submit(lambda: fn(*args, **kwargs), alone=False)
         return result
 
+    async def post(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Queue the call and return at once (see :meth:`Database.post`); it joins the next group."""
+        self._start_thread()
+        call = _Call(lambda: fn(*args, **kwargs), None, trio.lowlevel.current_trio_token(), alone=False)
+        call.name = getattr(fn, "__name__", "?")
+        self._calls.put(call)
+
     async def aclose(self) -> None:
         """Checkpoint and close the store after every queued call has finished; stop the thread."""
         try:
@@ -127,10 +148,13 @@ class SerialDatabase(Database):
                 thread, self._thread = self._thread, None
                 await trio.to_thread.run_sync(thread.join)
 
-    async def _submit(self, fn: Callable[[], Any], *, alone: bool) -> Any:
+    def _start_thread(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name="backfilld-sqlite", daemon=True)
             self._thread.start()
+
+    async def _submit(self, fn: Callable[[], Any], *, alone: bool) -> Any:
+        self._start_thread()
         call = _Call(fn, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token(), alone=alone)
 
         def abort(_: object) -> trio.lowlevel.Abort:
@@ -147,7 +171,10 @@ class SerialDatabase(Database):
     def _resume(self, answers: list[tuple[_Call, outcome.Outcome[Any]]]) -> None:
         for call, result in answers:
             self._observe(result)
-            trio.lowlevel.reschedule(call.task, result)
+            if call.task is not None:
+                trio.lowlevel.reschedule(call.task, result)
+            elif isinstance(result, outcome.Error):
+                log.warning("a store write failed", call=call.name, error=str(result.error))
 
     def _serve(self) -> None:
         while True:
