@@ -125,6 +125,27 @@ async def test_full_rewrites_every_record_and_still_deletes(tmp_path: Path, mode
             assert consumer.matches(network, mode)
 
 
+async def test_a_record_that_fails_its_check_is_skipped_not_deleted(tmp_path: Path, mode: str) -> None:
+    """Records the account still has but that fail a check this time (list mode: listRecords alters
+    their values, so they no longer match their CIDs) are skipped and counted, never written as deletes;
+    verified mode reads the signed repo, where nothing changed."""
+    async with open_network(network_spec(accounts=2, records=30)) as network:
+        async with running_daemon(tmp_path, network, {"sync": {"mode": mode}}) as daemon:
+            consumer = Consumer()
+            await backfill(daemon, network)
+            await consumer.drain(daemon)
+            first, second = (a.did for a in network.spec.accounts)
+            network.set_behaviour(first, "list_altered", {"every": 3})
+            network.mutate(second, A, delete=[4])
+            run = await backfill(daemon, network)
+            written = await consumer.drain(daemon)
+            jobs = await jobs_of(daemon, run.id)
+    assert [(e["did"], e["operation"]) for e in written] == [(second, "delete")]
+    skipped = sum(j.records_skipped for j in jobs if j.did == first)
+    assert skipped == (3 * 10 if mode == "list" else 0)  # every third record of each collection
+    assert all(j.state == "done" for j in jobs)
+
+
 async def test_a_cancelled_listing_writes_no_delete(tmp_path: Path, mode: str) -> None:
     spec = build_spec(4, 400, collections=[A, B, C], hosts=2, cursor_on_last_page=True, latency=0.01)
     async with open_network(spec) as network:

@@ -72,11 +72,13 @@ def ops(store: Store, after: int = 0) -> list[tuple[str, str, str]]:
     return [(e["operation"], e["rkey"], e["cid"]) for e in queue(store, after)]
 
 
-def backfill_once(store: Store, did: str, records: Sequence[ListedRecord], **kw: Any) -> PageResult:
-    """A whole one-page listing of (did, COLL) in a new run."""
+def backfill_once(
+    store: Store, did: str, records: Sequence[ListedRecord], *, present: Sequence[str] = (), **kw: Any
+) -> PageResult:
+    """A whole one-page listing of (did, COLL) in a new run (``present``: keys it skipped)."""
     explicit(store, [did], **kw)
     [job] = claim(store)
-    result = page(store, job, records)
+    result = page(store, job, records, present=present)
     assert result.finished is not None  # the listing's one page finished the job
     return result
 
@@ -364,6 +366,33 @@ def test_full_rewrites_every_record_once_and_still_deletes(store: Store) -> None
     assert ops(store, last) == [("create", "a", "c1"), ("delete", "b", "")]
 
 
+def test_full_writes_a_changed_record_as_a_create_too(store: Store) -> None:
+    backfill_once(store, DID_A, listed(("a", "c1"), ("b", "c2")))
+    last = queue(store)[-1]["id"]
+    explicit(store, [DID_A], full=True)
+    [job] = claim(store)
+    assert page(store, job, listed(("a", "c1"), ("b", "c3"))) == PageResult(created=2)
+    assert ops(store, last) == [("create", "a", "c1"), ("create", "b", "c3")]
+    backfill_once(store, DID_A, listed(("a", "c1"), ("b", "c3")))  # the set took the new CID
+    assert ops(store, last) == [("create", "a", "c1"), ("create", "b", "c3")]
+
+
+def test_a_record_skipped_but_still_listed_is_not_deleted(store: Store) -> None:
+    backfill_once(store, DID_A, listed(("a", "c1"), ("b", "c2"), ("c", "c3")))
+    last = queue(store)[-1]["id"]
+    # "b" fails a check this time (its value no longer matches its CID): skipped, but still there
+    backfill_once(store, DID_A, listed(("a", "c1")), present=["b"])
+    assert ops(store, last) == [("delete", "c", "")]
+    # once it is listed properly again, it is unchanged: the set kept its CID
+    backfill_once(store, DID_A, listed(("a", "c1"), ("b", "c2")))
+    assert ops(store, last) == [("delete", "c", "")]
+    # a key the set never had is only stamped if present: nothing written, nothing added
+    backfill_once(store, DID_A, listed(("a", "c1"), ("b", "c2")), present=["zz"])
+    assert ops(store, last) == [("delete", "c", "")]
+    backfill_once(store, DID_A, listed(("a", "c1")))
+    assert ops(store, last) == [("delete", "c", ""), ("delete", "b", "")]
+
+
 def test_a_walk_restarted_at_a_newer_commit_keeps_deletes_exact(store: Store) -> None:
     backfill_once(store, DID_A, listed(("a", "c1"), ("b", "c2")))
     last = queue(store)[-1]["id"]
@@ -524,11 +553,38 @@ def test_publisher_refresh_keeps_first_seen(store: Store) -> None:
 
 
 def test_one_verified_commit_per_account_per_run(store: Store) -> None:
-    assert store.get_run_commit(1, DID_A) is None
-    store.put_run_commit(1, DID_A, RunCommit("bafycommit1", "bafydata1", "3kaaaaaaaaaa2"))
-    store.put_run_commit(1, DID_A, RunCommit("bafycommit2", "bafydata2", "3kaaaaaaaaaa3"))
-    assert store.get_run_commit(1, DID_A) == RunCommit("bafycommit2", "bafydata2", "3kaaaaaaaaaa3")
-    assert store.get_run_commit(2, DID_A) is None
+    run_id = explicit(store, [DID_A])
+    [job] = claim(store)
+    assert store.get_run_commit(run_id, DID_A) is None
+    first, second = (
+        RunCommit("bafycommit1", "bafydata1", "3kaaaaaaaaaa2"),
+        RunCommit("bafycommit2", "bafydata2", "3kaaaaaaaaaa3"),
+    )
+    store.put_run_commit(job.lease, did=DID_A, commit=first, now=NOW)
+    store.put_run_commit(job.lease, did=DID_A, commit=second, now=NOW)
+    assert store.get_run_commit(run_id, DID_A) == second
+    assert store.get_run_commit(run_id + 1, DID_A) is None
+    # a stale holder's commit never lands
+    store.reschedule_job(job.lease, not_before=NOW, now=NOW, refund_attempt=True)
+    with pytest.raises(JobLost):
+        store.put_run_commit(job.lease, did=DID_A, commit=first, now=NOW)
+    assert store.get_run_commit(run_id, DID_A) == second
+
+
+def test_a_stale_discover_job_cannot_set_its_collections_error(store: Store) -> None:
+    run_id, _ = store.create_run(mode="discover", collections=[COLL], dids=None, now=NOW)
+    [job] = claim(store)
+    assert job.kind == "discover"
+    store.set_discovery_error(job.lease, error="timeout: the relay did not answer", now=NOW)
+    run = store.get_run(run_id)
+    assert run is not None and run.discovery[COLL].error == "timeout: the relay did not answer"
+    store.reschedule_job(job.lease, not_before=NOW, now=NOW, refund_attempt=True)
+    with pytest.raises(JobLost):
+        store.set_discovery_error(job.lease, error=None, now=NOW)
+    [fresh] = claim(store)
+    store.set_discovery_error(fresh.lease, error=None, now=NOW)
+    run = store.get_run(run_id)
+    assert run is not None and run.discovery[COLL].error is None
 
 
 def test_counts_by_state_and_kind(store: Store) -> None:

@@ -77,13 +77,16 @@ _RECORDS_DECODER = msgspec.json.Decoder(_RecordsBody)
 class RecordsPage:
     """A validated listRecords page.
 
-    ``skipped_reasons`` holds each distinct skip reason once, in the order first seen.
+    ``skipped_reasons`` holds each distinct skip reason once, in the order first seen. ``present`` holds
+    the record keys of the pair's own records that were skipped (an invalid CID string): they are still in
+    the collection, so reconcile must not take them for deleted.
     """
 
     records: tuple[RecordRef, ...]
     cursor: str | None
     skipped: int
     skipped_reasons: tuple[str, ...]
+    present: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,7 @@ def parse_list_records_page(
     prefix_length = len(prefix)
     refs: list[RecordRef] = []
     reasons: list[str] = []
+    present: list[str] = []
     skipped = 0
     for entry in page.records:
         uri, cid = entry.uri, entry.cid
@@ -136,13 +140,14 @@ def parse_list_records_page(
             reason = _foreign_uri_reason(uri, did)
         if reason is None and not is_valid_cid(cid):
             reason = SKIP_INVALID_CID
+            present.append(rkey)
         if reason is None:
             refs.append(RecordRef(rkey, cid, bytes(entry.value) if len(entry.value) else None))
         else:
             skipped += 1
             if reason not in reasons:
                 reasons.append(reason)
-    return RecordsPage(tuple(refs), cursor, skipped, tuple(reasons))
+    return RecordsPage(tuple(refs), cursor, skipped, tuple(reasons), tuple(present))
 
 
 @lru_cache(maxsize=256)

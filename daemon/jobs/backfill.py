@@ -140,6 +140,7 @@ class BackfillHandler:
                     records: Sequence[ListedRecord] = ()
                     next_cursor: str | None = None
                     skipped, reasons = 0, ()
+                    present: tuple[str, ...] = ()
                 else:
                     raise ProtocolViolation(
                         f"listRecords answered 404 after {pages} pages",
@@ -170,8 +171,9 @@ class BackfillHandler:
                         code=Code.REPEATED_CURSOR,
                     )
                 records, mismatched = await _checked_records(response, page.records)
-                skipped = page.skipped + mismatched
+                skipped = page.skipped + len(mismatched)
                 reasons = (*page.skipped_reasons, *((SKIP_CID_MISMATCH,) if mismatched else ()))
+                present = (*page.present, *mismatched)  # skipped, but still in the collection
                 del page
             result = await self._db.run(
                 self._db.store.apply_page,
@@ -183,6 +185,7 @@ class BackfillHandler:
                 skipped=skipped,
                 complete=next_cursor is None,
                 now=ctx.now(),
+                present=present,
             )
         ctx.finished(result.finished)
         self._metrics.pages_fetched.labels(job.collection).inc()
@@ -193,8 +196,11 @@ class BackfillHandler:
         return next_cursor
 
 
-async def _checked_records(response: Response, refs: Sequence[RecordRef]) -> tuple[list[ListedRecord], int]:
-    """The page's records whose value re-encodes to their CID, as JSON text; and how many did not.
+async def _checked_records(
+    response: Response, refs: Sequence[RecordRef]
+) -> tuple[list[ListedRecord], list[str]]:
+    """The page's records whose value re-encodes to their CID, as JSON text; and the keys of those that
+    did not.
 
     Values are decoded one at a time, so the worst case of the largest one's decode is reserved from the
     memory budget once for the page, and given back once the decoded values are gone (the texts kept are
@@ -204,12 +210,12 @@ async def _checked_records(response: Response, refs: Sequence[RecordRef]) -> tup
     reserved = GENERIC_DECODE_FACTOR * largest
     await response.reserve_bytes(reserved)
     checked: list[ListedRecord] = []
-    mismatched = 0
+    mismatched: list[str] = []
     try:
         for ref in refs:
             text = None if ref.value is None else _checked_text(ref.value, ref.cid)
             if text is None:
-                mismatched += 1
+                mismatched.append(ref.rkey)
             else:
                 checked.append(ListedRecord(ref.rkey, ref.cid, text))
     finally:

@@ -67,10 +67,13 @@ class DiscoverHandler:
         except JobError as exc:
             log.warning("discovery failed", error_code=exc.code, error=exc.message)
             await self._db.run(
-                self._db.store.set_discovery_error, job.run_id, job.collection, f"{exc.code}: {exc.message}"
+                self._db.store.set_discovery_error,
+                job.lease,
+                error=f"{exc.code}: {exc.message}",
+                now=ctx.now(),
             )
             raise
-        await self._db.run(self._db.store.set_discovery_error, job.run_id, job.collection, None)
+        await self._db.run(self._db.store.set_discovery_error, job.lease, error=None, now=ctx.now())
 
     async def _pages(self, job: Job, ctx: JobContext, run_id: int) -> None:
         settings, store = self._settings, self._db.store

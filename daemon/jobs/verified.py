@@ -122,6 +122,7 @@ class _Walked:
     records: list[ListedRecord] = field(default_factory=list)
     skipped: int = 0
     reasons: set[str] = field(default_factory=set)
+    present: list[str] = field(default_factory=list)  # keys skipped, but in the collection
     last_key: str | None = None
 
 
@@ -164,14 +165,14 @@ class VerifiedHandler:
                 raise ProtocolViolation("the account moved again while it was being read") from None
 
     async def _run(self, job: Job, ctx: JobContext, identity: DidIdentity, *, fresh: bool = False) -> None:
-        commit = await self._account_commit(job, identity, fresh=fresh)
+        commit = await self._account_commit(job, ctx, identity, fresh=fresh)
         for _ in range(MAX_RESTARTS + 1):
             try:
                 await self._walk(job, ctx, identity, commit)
                 return
             except _CommitMoved:
                 log.info("the repo moved on during the walk; starting over at its newer commit")
-                commit = await self._account_commit(job, identity, fresh=True, stale=commit)
+                commit = await self._account_commit(job, ctx, identity, fresh=True, stale=commit)
         raise ProtocolViolation(
             f"the repo changed {MAX_RESTARTS + 1} times during the walk", code=Code.BLOCK_MISSING
         )
@@ -179,7 +180,13 @@ class VerifiedHandler:
     # -- the commit ---------------------------------------------------------------------------------
 
     async def _account_commit(
-        self, job: Job, identity: DidIdentity, *, fresh: bool, stale: RunCommit | None = None
+        self,
+        job: Job,
+        ctx: JobContext,
+        identity: DidIdentity,
+        *,
+        fresh: bool,
+        stale: RunCommit | None = None,
     ) -> RunCommit:
         """The account's verified commit for this run: from the store, or fetched and checked once."""
         did = identity.did
@@ -199,7 +206,7 @@ class VerifiedHandler:
         try:
             commit = await self._probe(job, identity)
             if job.run_id is not None:
-                await self._db.run(store.put_run_commit, job.run_id, did, commit)
+                await self._db.run(store.put_run_commit, job.lease, did=did, commit=commit, now=ctx.now())
             probe.commit = commit
             return commit
         except JobError as exc:
@@ -387,7 +394,9 @@ class VerifiedHandler:
             else:
                 try:
                     value = decode_record(record.data)
-                except ProtocolViolation:
+                except ProtocolViolation as exc:
+                    if exc.code == Code.INVALID_CBOR:
+                        raise  # a block that is not canonical DAG-CBOR fails the walk (SPEC 6.2), never a skip
                     reason = SKIP_INVALID_RECORD
                 else:
                     if not isinstance(value, dict) or value.get("$type") != job.collection:
@@ -395,6 +404,8 @@ class VerifiedHandler:
             if reason is not None:
                 walked.skipped += 1
                 walked.reasons.add(reason)
+                if reason != SKIP_INVALID_RKEY:
+                    walked.present.append(record.rkey)  # still in the collection: not a delete
                 continue
             text = msgspec.json.encode(value).decode()
             walked.records.append(ListedRecord(record.rkey, format_cid(record.cid), text))
@@ -415,13 +426,14 @@ class VerifiedHandler:
             now=ctx.now(),
             rev=commit.rev,
             verified=True,
+            present=walked.present,
         )
         ctx.finished(result.finished)
         self._metrics.records_enqueued.labels(job.collection).inc(result.written)
         if walked.skipped:
             self._metrics.records_skipped.labels(job.collection).inc(walked.skipped)
             log.warning("skipped invalid records", count=walked.skipped, reasons=sorted(walked.reasons))
-        walked.records, walked.skipped, walked.reasons = [], 0, set()
+        walked.records, walked.skipped, walked.reasons, walked.present = [], 0, set(), []
 
     # -- fetching blocks ----------------------------------------------------------------------------
 

@@ -251,7 +251,19 @@ class PdsHandler:
         force_cursor: str | None = None,
         junk: int = 0,
     ) -> Reply:
-        key = ("pds", account.did, account.generation, collection, limit, cursor, force_cursor, junk)
+        behaviour, params = self._behaviour[account.did]  # the listing depends on them (set_behaviour)
+        key = (
+            "pds",
+            account.did,
+            account.generation,
+            behaviour,
+            repr(sorted(params.items())),
+            collection,
+            limit,
+            cursor,
+            force_cursor,
+            junk,
+        )
         body = self._cache.get(key)
         if body is None:
             listing = self._listing(account, collection)

@@ -10,6 +10,7 @@ import functools
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Final
 
 import trio
@@ -23,7 +24,7 @@ from daemon.simnet.pds import PdsHandler
 from daemon.simnet.records import Mutation
 from daemon.simnet.relay import RelayHandler
 from daemon.simnet.repos import DEFAULT_REPO_CACHE_BYTES, RepoCache
-from daemon.simnet.spec import Account, NetworkSpec, resolve_web_dids, with_mutation
+from daemon.simnet.spec import Account, NetworkSpec, resolve_web_dids, with_account, with_mutation
 
 DEFAULT_PAGE_CACHE_BYTES: Final = 64 * 1_048_576
 
@@ -119,6 +120,15 @@ class RunningNetwork:
         if isinstance(mutation, str):
             mutation = Mutation(mutation, tuple(update), tuple(delete), create, empty, tuple(recreate))
         self.spec = with_mutation(self.spec, did, mutation)
+        self._handlers.set_spec(self.spec)
+        return self.spec.account(did)
+
+    def set_behaviour(
+        self, did: str, behaviour: str | None, params: Mapping[str, object] | None = None
+    ) -> Account:
+        """Make ``did`` behave as ``behaviour`` (None: well behaved) from now on; ``spec`` follows."""
+        account = replace(self.spec.account(did), behaviour=behaviour, params=dict(params or {}))
+        self.spec = with_account(self.spec, account)
         self._handlers.set_spec(self.spec)
         return self.spec.account(did)
 

@@ -236,7 +236,7 @@ class SqliteStore(Store):
     ) -> tuple[str, int | None]:
         """See :meth:`Store.list_records_json`; SQLite renders the entries with ``json_object``."""
         rows = self._conn.execute(
-            "SELECT id, length(record), json_object('id', id, 'did', did, 'collection', collection, "
+            "SELECT id, length(CAST(record AS BLOB)), json_object('id', id, 'did', did, 'collection', collection, "
             "'rkey', rkey, 'operation', operation, 'cid', cid, 'record', json(record), 'rev', rev, "
             "'verified', json(CASE WHEN verified THEN 'true' ELSE 'false' END), 'source', source, "
             "'run_id', run_id) FROM records WHERE id > ? ORDER BY id LIMIT ?",

@@ -220,12 +220,14 @@ class Store:
             (count,) = conn.execute("SELECT count(*) FROM run_dids WHERE run_id = ?", (run_id,)).fetchone()
             return int(count)
 
-    def set_discovery_error(self, run_id: int, collection: str, error: str | None) -> None:
-        """Record (or clear) why one collection's discovery failed."""
+    def set_discovery_error(self, lease: Lease, *, error: str | None, now: float) -> None:
+        """Record (or clear) why the discover job's collection failed; JobLost once the lease is gone."""
         with self._tx() as conn:
+            run_id, _, _ = self._hold(conn, lease, now)
             conn.execute(
-                "UPDATE run_discovery SET error = ? WHERE run_id = ? AND collection = ?",
-                (error, run_id, collection),
+                "UPDATE run_discovery SET error = ? WHERE run_id = ? AND collection = "
+                "(SELECT collection FROM jobs WHERE id = ?)",
+                (error, run_id, lease.job_id),
             )
 
     def get_run(self, run_id: int) -> Run | None:
@@ -534,8 +536,12 @@ class Store:
         now: float,
         rev: str | None = None,
         verified: bool = False,
+        present: Sequence[str] = (),
     ) -> PageResult:
         """One page of a pair's listing, reconciled against its delivered set (SPEC 6.4), in one transaction.
+
+        ``present``: keys of records the listing found but skipped (they failed a check): still in the
+        collection, so their set entries are stamped as seen and not deleted, and nothing is written.
 
         Records not in the set are written as ``create``, those with another CID as ``update`` (with the
         new value); unchanged ones write nothing (a ``create`` again when the run asked for ``full``). Every
@@ -562,16 +568,15 @@ class Store:
                     continue  # this pass already wrote it (a retried page), or the page repeats it
                 seen.add(record.rkey)
                 stamps.append((record.rkey, record.cid))
-                if previous is None:
+                # with ``full``, every record this job has not written yet is a create, changed or not
+                if previous is None or (full and previous[1] >> 20 != lease.job_id):
                     writes.append((record.rkey, "create", record.cid, record.value))
                     created += 1
                 elif previous[0] != record.cid:
                     writes.append((record.rkey, "update", record.cid, record.value))
                     updated += 1
-                elif full and previous[1] >> 20 != lease.job_id:
-                    writes.append((record.rkey, "create", record.cid, record.value))
-                    created += 1
             self._stamp(conn, pair_id, stamps, gen)
+            self._keep(conn, pair_id, [rkey for rkey in present if rkey not in seen], gen)
             deleted = 0
             if complete:
                 gone = conn.execute(
@@ -630,6 +635,15 @@ class Store:
                 + ",".join(["(?, ?, ?, ?)"] * len(chunk))
                 + " ON CONFLICT (pair_id, rkey) DO UPDATE SET cid = excluded.cid, gen = excluded.gen",
                 [value for rkey, cid in chunk for value in (pair_id, rkey, cid, gen)],
+            )
+
+    def _keep(self, conn: Connection, pair_id: int, rkeys: Sequence[str], gen: int) -> None:
+        """Stamp the set's entries of ``rkeys`` (if any) with this pass, changing nothing else."""
+        for start in range(0, len(rkeys), INSERT_ROWS):
+            chunk = rkeys[start : start + INSERT_ROWS]
+            conn.execute(
+                f"UPDATE delivered SET gen = ? WHERE pair_id = ? AND rkey IN ({','.join('?' * len(chunk))})",
+                [gen, pair_id, *chunk],
             )
 
     def _write_records(
@@ -846,9 +860,11 @@ class Store:
             ).fetchone()
         return None if row is None else RunCommit(*row)
 
-    def put_run_commit(self, run_id: int, did: str, commit: RunCommit) -> None:
-        """Remember the commit verified for ``did`` in this run (a newer one replaces it)."""
+    def put_run_commit(self, lease: Lease, *, did: str, commit: RunCommit, now: float) -> None:
+        """Remember the commit verified for ``did`` in the run of the job holding ``lease`` (a newer one
+        replaces it); JobLost once the lease is gone."""
         with self._tx() as conn:
+            run_id, _, _ = self._hold(conn, lease, now)
             conn.execute(
                 "INSERT INTO run_commits (run_id, did, commit_cid, data_cid, rev) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (run_id, did) DO UPDATE SET commit_cid = excluded.commit_cid, "
