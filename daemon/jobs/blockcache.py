@@ -12,7 +12,10 @@ from collections import OrderedDict
 
 from daemon.atproto.cid import Cid
 
-DEFAULT_CACHE_BYTES = 16 * 1024 * 1024
+# 4 MiB: as fast as 16 MiB on the benchmark's shapes, with 14-16 MiB less peak RSS in verified mode
+# (bench/results/2026-12-01T131528Z.json); still room for a few whole small repos and the upper nodes of
+# many accounts between the jobs of their collections.
+DEFAULT_CACHE_BYTES = 4 * 1024 * 1024
 # What one kept block costs in memory beyond its bytes (the bytes objects of its data and CID, the dict
 # slot): ~210 bytes traced for an 8-byte block.
 BLOCK_OVERHEAD = 200
