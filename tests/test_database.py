@@ -225,3 +225,13 @@ async def test_a_posted_call_that_fails_is_logged_and_raises_nowhere(tmp_path: P
         failed = [e for e in logs if e["event"] == "a store write failed"]
         assert len(failed) == 1 and failed[0]["call"] == "execute" and "UNIQUE" in failed[0]["error"]
         assert count(path, "t") == 2
+
+
+async def test_a_call_posted_after_close_is_dropped_and_logged(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    async with database(path) as db:
+        execute(db.store, "CREATE TABLE t (k TEXT)")
+    with structlog.testing.capture_logs() as logs:
+        await db.post(execute, db.store, "INSERT INTO t VALUES ('late')")
+    assert [e["event"] for e in logs] == ["a store write after close was dropped"]
+    assert count(path, "t") == 0

@@ -393,6 +393,27 @@ def test_a_record_skipped_but_still_listed_is_not_deleted(store: Store) -> None:
     assert ops(store, last) == [("delete", "c", ""), ("delete", "b", "")]
 
 
+def test_a_skipped_record_listed_valid_later_in_the_same_pass_is_still_written(store: Store) -> None:
+    backfill_once(store, DID_A, listed(("a", "c1"), ("b", "c2")))
+    last = queue(store)[-1]["id"]
+    for full in (False, True):
+        explicit(store, [DID_A], full=full)
+        [job] = claim(store)
+        # "b" fails its check on the first page (say, on the PDS the account moved from), then is listed
+        # with a new CID: written as an update (a create with full), and not deleted
+        assert page(store, job, listed(("a", "c1")), cursor="p2", present=["b"]) == PageResult(
+            created=int(full)
+        )
+        assert page(store, job, listed(("b", f"c3{full}"))) == PageResult(
+            created=int(full), updated=int(not full)
+        )
+    assert ops(store, last) == [
+        ("update", "b", "c3False"),
+        ("create", "a", "c1"),
+        ("create", "b", "c3True"),
+    ]
+
+
 def test_a_walk_restarted_at_a_newer_commit_keeps_deletes_exact(store: Store) -> None:
     backfill_once(store, DID_A, listed(("a", "c1"), ("b", "c2")))
     last = queue(store)[-1]["id"]

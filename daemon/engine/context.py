@@ -15,6 +15,7 @@ class EngineView(Protocol):
 
     stopping: bool
     cancelled_jobs: set[int]
+    finished_jobs: set[int]
     host_jobs: dict[str, int]
 
     @property
@@ -51,6 +52,7 @@ class JobContext:
         page): its outcome is written, whatever the handler does after. None: not finished."""
         if job is not None:
             self.finished_job = job
+            self._engine.finished_jobs.add(job.id)  # its lease is released: nothing left to renew
 
     def notify_new_work(self) -> None:
         """Tell the dispatcher the job queued new jobs."""

@@ -99,6 +99,7 @@ class Engine:
         self.stopping = False
         self.host_jobs: dict[str, int] = {}
         self.cancelled_jobs: set[int] = set()
+        self.finished_jobs: set[int] = set()  # done by their last page, their handler not yet returned
         self.busy = 0
         self.running = False
         self._idle = settings.workers
@@ -235,7 +236,7 @@ class Engine:
         """Renew this daemon's leases; interrupt jobs whose lease is gone; recover expired ones anywhere."""
         while True:
             await trio.sleep(lease_timeout / 3)
-            leases = [job.lease for job, _ in self._scopes.values()]
+            leases = [job.lease for job, _ in self._scopes.values() if job.id not in self.finished_jobs]
             try:
                 held = await self.db.run(
                     self.db.store.renew_leases,
@@ -273,6 +274,7 @@ class Engine:
                     self.metrics.workers_busy.set(self.busy)
                     self._idle += 1
                     self.cancelled_jobs.discard(job.id)
+                    self.finished_jobs.discard(job.id)
                     self.notify()
 
     async def _execute(self, job: Job) -> None:

@@ -226,14 +226,16 @@ class VerifiedHandler:
         }
         blocks: dict[Cid, bytes] = {}
         root: Cid | None = None
+        reader = CarReader(max_bytes=self._settings.max_car_bytes)
 
         def keep(cid: Cid, data: bytes) -> None:
-            if len(blocks) < PROBE_MAX_BLOCKS:
+            # the commit (the CAR's root) whatever comes before it; of the rest, the first few
+            if len(blocks) < PROBE_MAX_BLOCKS or cid in reader.roots:
                 blocks[cid] = data
 
         async with self._car(identity, GET_RECORD, params) as car:
             if car is not None:
-                roots = await _read_car(car, keep, self._settings.max_car_bytes)
+                roots = await _read_car(car, keep, self._settings.max_car_bytes, reader)
                 if len(roots) != 1:
                     raise ProtocolViolation(
                         "getRecord's CAR must have one root, the commit", code=Code.INVALID_CAR
@@ -335,6 +337,7 @@ class VerifiedHandler:
                         log.info(
                             "the repo's CAR failed its checks; walking it block by block", error=exc.message
                         )
+                        holder.release()  # the broken CAR's blocks are gone
                         whole = False
                         continue
                     walk.finish()
@@ -544,10 +547,15 @@ class VerifiedHandler:
 
 
 async def _read_car(
-    car: StreamedResponse, sink: Callable[[Cid, bytes], object], max_bytes: int
+    car: StreamedResponse,
+    sink: Callable[[Cid, bytes], object],
+    max_bytes: int,
+    reader: CarReader | None = None,
 ) -> tuple[Cid, ...]:
-    """Stream a CAR body into ``sink`` block by block (each hashed against its CID); its roots."""
-    reader = CarReader(max_bytes=max_bytes)
+    """Stream a CAR body into ``sink`` block by block (each hashed against its CID); its roots.
+
+    ``reader``: the caller's own (whose ``roots`` it may read while blocks arrive)."""
+    reader = reader or CarReader(max_bytes=max_bytes)
     async for chunk in car.chunks:
         for cid, data in reader.feed(chunk):
             sink(cid, data)

@@ -125,6 +125,7 @@ class SerialDatabase(Database):
         self.grouped_calls = 0
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     async def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call ``fn(*args, **kwargs)`` (a bound Store method) in the store's thread."""
@@ -132,7 +133,11 @@ class SerialDatabase(Database):
         return result
 
     async def post(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Queue the call and return at once (see :meth:`Database.post`); it joins the next group."""
+        """Queue the call and return at once (see :meth:`Database.post`); it joins the next group.
+        Once the database is closed, the call is dropped (and logged)."""
+        if self._closed:
+            log.warning("a store write after close was dropped", call=getattr(fn, "__name__", "?"))
+            return
         self._start_thread()
         call = _Call(lambda: fn(*args, **kwargs), None, trio.lowlevel.current_trio_token(), alone=False)
         call.name = getattr(fn, "__name__", "?")
@@ -140,6 +145,7 @@ class SerialDatabase(Database):
 
     async def aclose(self) -> None:
         """Checkpoint and close the store after every queued call has finished; stop the thread."""
+        self._closed = True
         try:
             await self._submit(self.store.close, alone=True)
         finally:

@@ -580,12 +580,15 @@ class Store:
             deleted = 0
             if complete:
                 gone = conn.execute(
-                    "SELECT rkey FROM delivered WHERE pair_id = ? AND gen <> ? ORDER BY rkey", (pair_id, gen)
+                    "SELECT rkey FROM delivered WHERE pair_id = ? AND gen NOT IN (?, ?) ORDER BY rkey",
+                    (pair_id, gen, -gen),
                 ).fetchall()
                 writes.extend((rkey, "delete", "", None) for (rkey,) in gone)
                 deleted = len(gone)
                 if gone:
-                    conn.execute("DELETE FROM delivered WHERE pair_id = ? AND gen <> ?", (pair_id, gen))
+                    conn.execute(
+                        "DELETE FROM delivered WHERE pair_id = ? AND gen NOT IN (?, ?)", (pair_id, gen, -gen)
+                    )
             self._write_records(conn, did, collection, run_id, rev, verified, writes)
             if writes:
                 self._add_depth(conn, len(writes))
@@ -638,12 +641,16 @@ class Store:
             )
 
     def _keep(self, conn: Connection, pair_id: int, rkeys: Sequence[str], gen: int) -> None:
-        """Stamp the set's entries of ``rkeys`` (if any) with this pass, changing nothing else."""
+        """Mark the set's entries of ``rkeys`` (if any) as seen but not written by this pass: ``-gen``, so
+        the complete listing does not delete them, while a later valid listing of the record in the same
+        pass (or job, with ``full``) is still compared and written as if it had not been seen. An entry
+        this pass already wrote keeps its stamp."""
         for start in range(0, len(rkeys), INSERT_ROWS):
             chunk = rkeys[start : start + INSERT_ROWS]
             conn.execute(
-                f"UPDATE delivered SET gen = ? WHERE pair_id = ? AND rkey IN ({','.join('?' * len(chunk))})",
-                [gen, pair_id, *chunk],
+                f"UPDATE delivered SET gen = ? WHERE pair_id = ? AND gen <> ? "
+                f"AND rkey IN ({','.join('?' * len(chunk))})",
+                [-gen, pair_id, gen, *chunk],
             )
 
     def _write_records(
