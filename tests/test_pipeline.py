@@ -332,6 +332,17 @@ HOSTILE = [
     hostile_case("mst_unordered"),
     hostile_case("mst_wrong_layer"),
     hostile_case("car_huge", {"size_mib": 3}),
+    # a getRecord proof whose commit comes after ~1,000 tiny blocks: the probe keeps it all the same
+    hostile_case(
+        "car_huge",
+        {
+            "size_mib": 0.05,
+            "block_bytes": 8,
+            "block_codec": "dag-cbor",
+            "endpoint": "getRecord",
+            "filler_first": True,
+        },
+    ),
     hostile_case("list_unsigned"),
     hostile_case("list_altered"),
     hostile_case("pds_gone_deactivated"),
@@ -439,9 +450,13 @@ async def test_hostile_repos_and_accounts(
             statuses = network.pds_stats(0).statuses
             assert 1 <= statuses[501] <= 2 and set(statuses) == {200, 501}
             assert found[GET_BLOCKS] <= 1 and found[GET_REPO] == 1
-    if behaviour == "car_huge" and mode == "verified":
+    if behaviour == "car_huge" and mode == "verified" and "endpoint" not in params:
         assert set(failed) == {(hostile, COLL), (hostile, OTHER)}
         assert {jobs[(hostile, c)].error_code for c in collections} == {"car_too_large"}
+    if params.get("filler_first"):
+        # the commit came after the filler in the getRecord proof, and the probe kept it: no other fetch
+        # of the commit, and every pair done
+        assert not failed and found["com.atproto.sync.getLatestCommit"] == 0
 
 
 # -- accounts that are gone, with their precise reason -----------------------------------------------------

@@ -216,8 +216,9 @@ BEHAVIOUR_PARAMS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         # defaults 96, False, 0, "raw" and "getRepo": the CAR is ``size_mib`` in all, the real blocks then
         # filler blocks, raw 1 MiB sections when ``block_bytes`` is 0, else of ``block_bytes`` each (at least
         # 8, each distinct, starting like an MST node block) with CIDs of ``block_codec`` ("raw" or
-        # "dag-cbor"), in the answers of ``endpoint`` (one of CAR_ENDPOINTS)
-        "car_huge": ("size_mib", "declare_length", "block_bytes", "block_codec", "endpoint"),
+        # "dag-cbor"), in the answers of ``endpoint`` (one of CAR_ENDPOINTS); with ``filler_first`` (default
+        # False; getRecord and getBlocks) the filler comes before the real blocks, right after the header
+        "car_huge": ("size_mib", "declare_length", "block_bytes", "block_codec", "endpoint", "filler_first"),
         "list_unsigned": ("count",),  # records per collection that only listRecords shows; default 2
         "list_altered": ("every",),  # records whose index is a multiple of it get another value; default 3
         **{name: ("times", "reset_in") for name in RATE_LIMIT_BEHAVIOURS},
@@ -231,6 +232,7 @@ _PARAM_DEFAULTS: Final[Mapping[str, object]] = MappingProxyType(
         "failures": 2,
         "mib": 64,
         "declare_length": False,
+        "filler_first": False,
         "interval": 1.0,
         "bytes": 3600,
         "reset_in": 1,
@@ -322,7 +324,7 @@ def check_params(name: str, params: Mapping[str, object], where: str) -> list[st
                     problems.append(f"{where}: block_bytes must be 0 or 8..1048576")
             elif key in _NUMBER_PARAMS:
                 param_float(params, key)
-            elif key == "declare_length":
+            elif key in ("declare_length", "filler_first"):
                 param_bool(params, key)
             elif key == "times":
                 rate_limit_times(name, params)

@@ -77,6 +77,7 @@ from daemon.simnet.sync import (
     GET_REPO_STATUS,
     SYNC_METHODS,
     answer,
+    car_header_length,
     dribble,
     huge_repo,
     missing_param,
@@ -458,7 +459,9 @@ class PdsHandler:
         if path == GET_REPO:
             return huge_repo(repo, size, declare, block_bytes, dag_cbor, salt)
         assert isinstance(action, Reply)
-        return with_filler([action.body], size, declare, block_bytes, dag_cbor, salt)
+        body = action.body
+        head = car_header_length(body) if param_bool(params, "filler_first") else len(body)
+        return with_filler([body[:head]], size, declare, block_bytes, dag_cbor, salt, after=[body[head:]])
 
     @staticmethod
     def _state_answer(path: str, did: str, state: str | None) -> Reply:

@@ -119,6 +119,18 @@ def huge_repo(
     return with_filler(list(repo.car_chunks()), size, declare_length, block_bytes, dag_cbor, salt)
 
 
+def car_header_length(car: bytes) -> int:
+    """How many bytes of ``car`` its header takes (the varint and the header block)."""
+    length, shift, pos = 0, 0, 0
+    while True:
+        byte = car[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return pos + length
+        shift += 7
+
+
 def with_filler(
     car: list[bytes],
     size: int,
@@ -126,9 +138,13 @@ def with_filler(
     block_bytes: int = 0,
     dag_cbor: bool = False,
     salt: int = 0,
+    *,
+    after: list[bytes] | None = None,
 ) -> Chunks:
-    """The CAR ``car`` (its pieces), then filler blocks up to ``size`` bytes in all (see huge_repo)."""
-    real = sum(len(chunk) for chunk in car)
+    """The CAR ``car`` (its pieces), then filler blocks up to ``size`` bytes in all (see huge_repo), then
+    ``after`` (more of the CAR's own sections)."""
+    after = after or []
+    real = sum(len(chunk) for chunk in car) + sum(len(chunk) for chunk in after)
     extra = max(0, size - real)
     if block_bytes:
         pieces = tiny_filler(block_bytes, size, dag_cbor, salt)
@@ -143,6 +159,7 @@ def with_filler(
             yield from car
             yield from pieces[:whole]
             yield tail
+            yield from after
 
         return Chunks(tiny, total if declare_length else None)
     full, rest = divmod(extra, _FILLER_SECTION)
@@ -156,6 +173,7 @@ def with_filler(
         yield from car
         for length in sections:
             yield filler_section(length)
+        yield from after
 
     total = real + sum(sections)
     return Chunks(chunks, total if declare_length else None)
