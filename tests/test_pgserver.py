@@ -51,9 +51,10 @@ def test_server_runs_unprivileged(pg_url: str, pg_server: PgServer) -> None:
     with psycopg.connect(pg_url) as conn:
         data_dir = Path(str(scalar(conn, "SELECT current_setting('data_directory')")))
         backend_pid = scalar(conn, "SELECT pg_backend_pid()")
+        # the backend serving this connection, looked at while the connection (and so the backend) lives
+        backend_uid = Path(f"/proc/{backend_pid}").stat().st_uid
     assert data_dir == pg_server.data_dir
     data_owner = data_dir.stat().st_uid
-    backend_uid = Path(f"/proc/{backend_pid}").stat().st_uid  # the backend serving this connection
     if os.geteuid() == 0:
         assert data_owner != 0
         assert backend_uid != 0
