@@ -64,7 +64,10 @@ from daemon.store.store import Connection, Cursor, Store
 POOL_SIZE = 8
 STATEMENT_TIMEOUT = 30.0
 LOCK_TIMEOUT = 10.0
-IDLE_IN_TRANSACTION_TIMEOUT = 60.0
+# A call's transaction is never idle between its statements for more than a few milliseconds of Python;
+# a daemon frozen mid-transaction (SIGSTOP, a VM paused, a swap storm) would hold its row locks, and with
+# them every other daemon's takeover of its jobs, until the server ends the session: 5 s, not a minute.
+IDLE_IN_TRANSACTION_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 10.0
 # How long a call waits for a free connection (only direct, unlimited callers ever wait: the database
 # hop never runs more calls at once than the pool has connections).
