@@ -14,12 +14,18 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs
 
+import cbrrr
 import pytest
 import trio
 
+from daemon.atproto.cid import parse_cid
+from daemon.atproto.mstwalk import MstRecord
+from daemon.errors import ProtocolViolation
+from daemon.jobs.verified import VerifiedHandler, _Walked
 from daemon.simnet import (
     VERIFIED_BEHAVIOURS,
     Account,
@@ -778,3 +784,24 @@ async def test_concurrent_jobs_of_one_did_share_one_resolution(tmp_path: Path, m
     assert {j.error_code for j in jobs if j.state == "failed"} == {"did_not_found"}
     assert all(j.attempts == 1 for j in jobs)
     assert network.plc_stats.requests == 3  # one lookup per DID, though three jobs each wanted it
+
+
+# -- record blocks the walk found --------------------------------------------------------------------------
+
+
+def test_a_record_block_that_is_not_canonical_fails_the_walk_and_a_float_is_a_skip() -> None:
+    """SPEC 6.2: blocks are canonical DAG-CBOR (a block that is not fails the attempt, retried like any
+    broken block); a canonical record outside the data model (a float) is skipped, counted, and kept as
+    present so that reconcile does not take it for deleted."""
+    handler = VerifiedHandler.__new__(VerifiedHandler)
+    job: Any = SimpleNamespace(collection=COLL)
+    unsorted = bytes.fromhex("a2616201616102")  # {"b": 1, "a": 2}: map keys out of canonical order
+    floating = cbrrr.encode_dag_cbor({"$type": COLL, "value": 1.5})  # canonical, but a float
+    cid = parse_cid("bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm")
+    walked = _Walked()
+    handler._collect(job, [MstRecord(f"{COLL}/3kaaaaaaaaaaa", cid, floating)], walked)
+    assert (walked.records, walked.skipped, walked.reasons) == ([], 1, {"invalid_record"})
+    assert walked.present == ["3kaaaaaaaaaaa"]
+    with pytest.raises(ProtocolViolation) as caught:
+        handler._collect(job, [MstRecord(f"{COLL}/3kaaaaaaaaaab", cid, unsorted)], walked)
+    assert caught.value.code == "invalid_cbor"

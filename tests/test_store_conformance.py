@@ -486,6 +486,14 @@ def test_a_records_page_ends_early_past_its_value_budget(store: Store) -> None:
     assert store.list_records_json(after=10**12, limit=10) == ("[]", None)
 
 
+def test_the_records_page_budget_counts_bytes_not_characters(store: Store) -> None:
+    wide = "é" * 2500  # 2,500 characters, 5,000 bytes of UTF-8
+    records = [ListedRecord(f"k{i}", f"c{i}", json.dumps({"v": wide}, ensure_ascii=False)) for i in range(10)]
+    backfill_once(store, DID_A, records)
+    text, _ = store.list_records_json(after=0, limit=100, max_value_bytes=12_000)
+    assert len(json.loads(text)) == 2  # counted in characters, four would fit
+
+
 # -- discovery, retries, publishers, commits ------------------------------------------------------------
 
 
